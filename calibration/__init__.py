@@ -1,0 +1,1 @@
+"""Bundled default calibration data (photographs and English prose), installed as quantsink._bundled."""

@@ -1,0 +1,111 @@
+"""Activation statistics gathered by hooks during the calibration pass.
+
+Per block: the per-token l_inf norm of the residual stream (the block's output) and the
+per-channel absmax; per targeted Linear: the absmax of its input. They feed the report (where
+the outliers are) and the methods (which tokens and layers carry massive activations)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from quantsink.errors import UserError
+from quantsink.models.base import Adapter, hidden_states_of
+
+
+@dataclass
+class ActivationStats:
+    block_names: list[str]
+    # [block][sample] -> l_inf norm of each real token of that sample at the block's output
+    token_linf: list[list[torch.Tensor]]
+    # [block] -> absmax of each hidden channel over every real token
+    channel_absmax: list[torch.Tensor]
+    linear_input_absmax: dict[str, float] = field(default_factory=dict)
+
+    def block_summary(self, block: int, top: int = 5) -> dict[str, Any]:
+        norms = self.token_linf[block]
+        flat = torch.cat(norms)
+        owners = torch.cat([torch.full((len(n),), i) for i, n in enumerate(norms)])
+        positions = torch.cat([torch.arange(len(n)) for n in norms])
+        order = flat.argsort(descending=True)[:top]
+        median = flat.median().item()
+        channel_values, channels = self.channel_absmax[block].topk(min(top, self.channel_absmax[block].numel()))
+        return {
+            "block": self.block_names[block],
+            "max_token_linf": flat.max().item(),
+            "median_token_linf": median,
+            "max_over_median": flat.max().item() / max(median, 1e-12),
+            "top_tokens": [
+                {"sample": int(owners[i]), "token": int(positions[i]), "linf": float(flat[i])} for i in order
+            ],
+            "top_channels": [{"channel": int(c), "absmax": float(v)} for v, c in zip(channel_values, channels)],
+        }
+
+    def summary(self, top: int = 5) -> list[dict[str, Any]]:
+        return [self.block_summary(block, top) for block in range(len(self.block_names))]
+
+
+class StatisticsCollector:
+    """Hooks on the adapter's blocks and on the given Linears; use `attached()` as a context
+    so that no hook outlives the pass."""
+
+    def __init__(self, adapter: Adapter, linears: dict[str, nn.Module]):
+        self.adapter = adapter
+        self.linears = linears
+        self.block_names = adapter.block_names()
+        self._token_linf: list[list[torch.Tensor]] = [[] for _ in self.block_names]
+        self._channel_absmax: list[torch.Tensor | None] = [None for _ in self.block_names]
+        self._linear_absmax: dict[str, float] = {}
+        self._mask: torch.Tensor | None = None
+
+    def _on_block_output(self, block: int):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            hidden = hidden_states_of(output).detach().float()
+            if not torch.isfinite(hidden).all():
+                raise UserError(
+                    f"non-finite activations (NaN or inf) at the output of {self.block_names[block]}: "
+                    "check the model's weights and inputs, or run it in float32"
+                )
+            token_linf = hidden.abs().amax(dim=-1)  # (batch, tokens)
+            mask = self._mask if self._mask is not None else torch.ones_like(token_linf, dtype=torch.bool)
+            self._token_linf[block].extend(row[keep] for row, keep in zip(token_linf, mask))
+            channel_absmax = hidden[mask].abs().amax(dim=0)
+            previous = self._channel_absmax[block]
+            self._channel_absmax[block] = channel_absmax if previous is None else torch.maximum(previous, channel_absmax)
+
+        return hook
+
+    def _on_linear_input(self, name: str):
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            value = inputs[0].detach().abs().max().item()
+            self._linear_absmax[name] = max(self._linear_absmax.get(name, 0.0), value)
+
+        return hook
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator["StatisticsCollector"]:
+        handles = [block.register_forward_hook(self._on_block_output(i)) for i, block in enumerate(self.adapter.blocks())]
+        handles += [module.register_forward_pre_hook(self._on_linear_input(name)) for name, module in self.linears.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self._mask = self.adapter.token_mask(inputs)
+        if self._mask is not None:
+            self._mask = self._mask.bool()
+        return self.adapter.embed(inputs)
+
+    def result(self) -> ActivationStats:
+        return ActivationStats(
+            block_names=self.block_names,
+            token_linf=self._token_linf,
+            channel_absmax=list(self._channel_absmax),
+            linear_input_absmax=dict(self._linear_absmax),
+        )

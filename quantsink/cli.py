@@ -1,0 +1,100 @@
+"""`quantsink quantize MODEL RECIPE`, `quantsink models`. User errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from quantsink.errors import UserError
+
+log = logging.getLogger("quantsink")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantsink", description="Post-training quantization for transformers with sink tokens."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="quantize a model as a recipe says and write the result folder",
+        description="Calibrate, quantize and export MODEL as RECIPE says; print the fidelity report.",
+    )
+    quantize.add_argument("model", metavar="MODEL",
+                          help="short name (see 'quantsink models'), hf:ORG/NAME, open_clip:ARCH/PRETRAINED, timm:NAME, or a local folder")
+    quantize.add_argument("recipe", metavar="RECIPE", type=Path, help="YAML recipe (see recipes/)")
+    quantize.add_argument("-o", "--output", type=Path, metavar="OUT",
+                          help="output folder, must not exist (default: out/<recipe name>)")
+    quantize.add_argument("--calib", metavar="DATA",
+                          help="calibration data: 'bundled', an image folder, a text file or a folder of text files")
+    quantize.add_argument("--num-samples", type=int, metavar="N", help="calibration samples (overrides the recipe)")
+    quantize.add_argument("--seed", type=int, metavar="S", help="sampling seed (overrides the recipe)")
+    add_verbosity(quantize)
+
+    models = commands.add_parser("models", help="list the short model names and their sources",
+                                 description="List the short model names, the sources they map to and their families.")
+    add_verbosity(models)
+    return parser
+
+
+def add_verbosity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    from quantsink.api import quantize
+    from quantsink.recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe)
+    output = args.output or Path("out") / recipe.name
+    if output.exists():
+        raise UserError(f"output folder {output} already exists: remove it or pass another -o")
+    result = quantize(args.model, recipe, args.calib,
+                      num_samples=args.num_samples, seed=args.seed, progress=not args.quiet)
+    result.save(output)
+    print(format_summary(result.report, output))
+
+
+def format_summary(report: dict, output: Path) -> str:
+    fidelity = report["fidelity"]
+    calibration = report["calibration"]
+    worst = max(report["outliers"], key=lambda block: block["max_over_median"])
+    return "\n".join([
+        f"model      {report['model']} ({report['family']}), recipe {report['recipe']}",
+        f"data       {calibration['data']}; calibration pass {calibration['seconds']:.1f} s",
+        f"quantized  {report['quantized_modules']} modules",
+        f"fidelity   cosine mean {fidelity['cosine_mean']:.4f}, min {fidelity['cosine_min']:.4f}, "
+        f"relative L2 {fidelity['relative_l2']:.4f} on {fidelity['samples']} holdout samples",
+        f"outliers   largest max/median token norm {worst['max_over_median']:.1f}x at {worst['block']}",
+        f"written    {output}",
+    ])
+
+
+def run_models(_args: argparse.Namespace) -> None:
+    from quantsink.models import catalog
+
+    rows = [("NAME", "SOURCE", "FAMILY", "NOTE")] + [tuple(str(cell) for cell in row) for row in catalog()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + ("  " + row[3] if row[3] else ""))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        {"quantize": run_quantize, "models": run_models}[args.command](args)
+    except UserError as error:
+        print(f"quantsink: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantsink: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sink-aware methods (RegCache, KVSink) that plug into the pipeline; each registers in METHODS."""

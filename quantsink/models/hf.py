@@ -1,0 +1,355 @@
+"""Adapters for Hugging Face transformers encoders: CLIP, SigLIP, SigLIP 2 and DINOv2 image towers,
+and BERT sentence encoders.
+
+`HFAdapter` holds what they share: loading from a local folder (config.json + safetensors),
+rebuilding from `config.to_dict()`, the image processor or tokenizer saved beside the weights.
+Each family only says which `model_type`s and classes it takes, where its parts sit inside a
+layer, and which output is its embedding.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    BertModel,
+    BitImageProcessor,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    Dinov2Model,
+    Dinov2WithRegistersModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Siglip2ImageProcessor,
+    Siglip2VisionModel,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+from quantsink.errors import CheckpointError, ModelLoadError, UserError
+from quantsink.io import MANIFEST
+from quantsink.models.base import Adapter, ModelSource, register_adapter
+
+logger = logging.getLogger(__name__)
+
+
+class HFAdapter(Adapter):
+    """A transformers encoder whose layers are `encoder.<layers_attr>[i]`."""
+
+    modality = "image"
+    model_types: ClassVar[tuple[str, ...]]  # config.json `model_type`s this family loads
+    model_classes: ClassVar[tuple[type[PreTrainedModel], ...]]  # the first that fits a config is the default
+    layers_attr: ClassVar[str] = "layers"
+    attention_path: ClassVar[str] = "self_attn"
+    fc1_path: ClassVar[str] = "mlp.fc1"
+    fc2_path: ClassVar[str] = "mlp.fc2"
+    leading_tokens: ClassVar[int] = 1
+    mask_input: ClassVar[str | None] = None  # the input that marks real tokens, when some are padding
+    build_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, model: nn.Module, source: ModelSource, processor: Any):
+        super().__init__(model, source)
+        self.processor = processor
+        self._check_layout()
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return isinstance(model, cls.model_classes)
+
+    @classmethod
+    def from_module(cls, model: nn.Module, spec: str = "<module>", processor: Any = None) -> "HFAdapter":
+        """Wrap a loaded model; `processor` (image processor or tokenizer) defaults to what the
+        family's config implies."""
+        config = model.config.to_dict()
+        config["architectures"] = [type(model).__name__]
+        if processor is None:
+            processor = cls.default_processor(model.config)
+        return cls(model, ModelSource(cls.family, spec, config), processor)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], assets_dir: Path | None = None) -> "HFAdapter":
+        model_type = config.get("model_type")
+        if model_type not in cls.model_types:
+            raise CheckpointError(
+                f"a {cls.family} model cannot be rebuilt from a config of model_type {model_type!r}: "
+                f"the folder's {MANIFEST} is inconsistent, re-export it"
+            )
+        hf_config = CONFIG_MAPPING[model_type].from_dict(config)
+        model = cls.model_class(hf_config)(hf_config, **cls.build_kwargs)
+        processor = cls.load_processor(assets_dir) if assets_dir is not None else None
+        return cls.from_module(model, "<config>", processor)
+
+    @classmethod
+    def from_pretrained(cls, folder: Path, spec: str) -> "HFAdapter":
+        """Load a Hugging Face model folder (config.json + safetensors weights)."""
+        model_class, model_config = cls.architecture(AutoConfig.from_pretrained(folder))
+        model = _load_weights(model_class, folder, model_config, **cls.build_kwargs)
+        logger.info("loaded %s from %s as %s", spec, folder, model_class.__name__)
+        return cls.from_module(model, spec, cls.load_processor(folder))
+
+    @classmethod
+    def architecture(cls, config: PretrainedConfig) -> tuple[type[PreTrainedModel], PretrainedConfig]:
+        """The class and config to load from a folder's config; two-tower checkpoints give their image tower."""
+        tower = getattr(config, "vision_config", None)
+        config = tower if tower is not None else config
+        return cls.model_class(config), config
+
+    @classmethod
+    def model_class(cls, config: PretrainedConfig) -> type[PreTrainedModel]:
+        fitting = [candidate for candidate in cls.model_classes if isinstance(config, candidate.config_class)]
+        if not fitting:
+            raise ModelLoadError(f"{type(config).__name__} is not a config of the {cls.family} family")
+        named = [candidate for candidate in fitting if candidate.__name__ in (config.architectures or ())]
+        return (named or fitting)[0]
+
+    # --- preprocessing assets -----------------------------------------------------------
+    @classmethod
+    def default_processor(cls, config: PretrainedConfig) -> Any:
+        """The preprocessing a model of this config was trained with, when no files say otherwise."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_processor(cls, folder: Path) -> Any:
+        if (Path(folder) / "preprocessor_config.json").is_file():
+            return AutoImageProcessor.from_pretrained(folder)
+        return None
+
+    def save_assets(self, folder: Path) -> None:
+        if self.processor is not None:
+            self.processor.save_pretrained(folder)
+
+    # --- structure ----------------------------------------------------------------------
+    def _layers(self) -> nn.ModuleList:
+        tower = getattr(self.model, "vision_model", self.model)  # *WithProjection classes wrap the tower
+        return getattr(tower.encoder, self.layers_attr)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self._layers())
+
+    def attention(self, block_index: int) -> nn.Module:
+        return self._layers()[block_index].get_submodule(self.attention_path)
+
+    def fc1(self, block_index: int) -> nn.Linear:
+        return self._layers()[block_index].get_submodule(self.fc1_path)
+
+    def fc2(self, block_index: int) -> nn.Linear:
+        return self._layers()[block_index].get_submodule(self.fc2_path)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.leading_tokens
+
+    def _check_layout(self) -> None:
+        """Fail at load time, not mid-calibration, on a variant whose layers look different."""
+        try:
+            projections = (self.fc1(0), self.fc2(0))
+            self.attention(0)
+        except (AttributeError, IndexError) as error:
+            raise self._unsupported_layout(str(error)) from None
+        if not all(isinstance(projection, nn.Linear) for projection in projections):
+            raise self._unsupported_layout("its MLP projections are not nn.Linear")
+
+    def _unsupported_layout(self, reason: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"{type(self.model).__name__} does not have the layer layout the {self.family} adapter expects "
+            f"({reason}): this variant is not supported"
+        )
+
+    # --- data ---------------------------------------------------------------------------
+    def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+        # not every image processor converts grayscale or RGBA (SigLIP 2's does not)
+        return dict(self.processor(images=[image.convert("RGB") for image in samples], return_tensors="pt"))
+
+    @torch.no_grad()
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**inputs).pooler_output
+
+    def token_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return inputs[self.mask_input].bool() if self.mask_input else None
+
+
+@register_adapter
+class HFCLIPAdapter(HFAdapter):
+    family = "hf-clip"
+    model_types = ("clip", "clip_vision_model")
+    model_classes = (CLIPVisionModel, CLIPVisionModelWithProjection)
+
+    @classmethod
+    def architecture(cls, config: PretrainedConfig) -> tuple[type[PreTrainedModel], PretrainedConfig]:
+        if config.model_type == "clip":
+            # a full CLIP checkpoint: its image embedding is the projected one
+            tower = config.vision_config
+            tower.projection_dim = config.projection_dim
+            return CLIPVisionModelWithProjection, tower
+        return super().architecture(config)
+
+    @classmethod
+    def default_processor(cls, config: PretrainedConfig) -> Any:
+        size = config.image_size
+        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+    @torch.no_grad()
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        outputs = self.model(**inputs)
+        if isinstance(self.model, CLIPVisionModelWithProjection):
+            return outputs.image_embeds
+        return outputs.pooler_output
+
+
+@register_adapter
+class HFSiglipAdapter(HFAdapter):
+    family = "hf-siglip"
+    model_types = ("siglip", "siglip_vision_model")
+    model_classes = (SiglipVisionModel,)
+    leading_tokens = 0  # SigLIP pools with an attention head, it has no CLS token
+
+    @classmethod
+    def default_processor(cls, config: PretrainedConfig) -> Any:
+        return SiglipImageProcessor(size={"height": config.image_size, "width": config.image_size})
+
+
+@register_adapter
+class HFSiglip2Adapter(HFAdapter):
+    """SigLIP 2 NaFlex: images become a padded sequence of at most `num_patches` patches."""
+
+    family = "hf-siglip2"
+    model_types = ("siglip2", "siglip2_vision_model")
+    model_classes = (Siglip2VisionModel,)
+    leading_tokens = 0
+    mask_input = "pixel_attention_mask"
+
+    @classmethod
+    def default_processor(cls, config: PretrainedConfig) -> Any:
+        return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
+
+
+@register_adapter
+class HFDinov2Adapter(HFAdapter):
+    family = "hf-dinov2"
+    model_types = ("dinov2", "dinov2_with_registers")
+    model_classes = (Dinov2Model, Dinov2WithRegistersModel)
+    layers_attr = "layer"
+    attention_path = "attention"
+
+    @classmethod
+    def default_processor(cls, config: PretrainedConfig) -> Any:
+        # DINOv2's evaluation transform: resize to 256/224 of the crop, centre crop, ImageNet statistics
+        crop = config.image_size
+        return BitImageProcessor(
+            size={"shortest_edge": round(crop * 256 / 224)},
+            crop_size={"height": crop, "width": crop},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=IMAGENET_DEFAULT_MEAN,
+            image_std=IMAGENET_DEFAULT_STD,
+        )
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 + getattr(self.model.config, "num_register_tokens", 0)
+
+
+@register_adapter
+class HFBertTextAdapter(HFAdapter):
+    """A BERT sentence encoder: the embedding is the masked mean of the last hidden states,
+    L2-normalised, as sentence-transformers computes it for all-MiniLM-L6-v2."""
+
+    family = "hf-bert-text"
+    modality = "text"
+    model_types = ("bert",)
+    model_classes = (BertModel,)
+    layers_attr = "layer"
+    attention_path = "attention.self"
+    fc1_path = "intermediate.dense"
+    fc2_path = "output.dense"
+    mask_input = "attention_mask"
+    # the pooler feeds no sentence embedding: without it quantizers and folders skip dead weights
+    build_kwargs = {"add_pooling_layer": False}
+
+    @classmethod
+    def from_module(cls, model: nn.Module, spec: str = "<module>", processor: Any = None) -> "HFAdapter":
+        """Wrap a BertModel, dropping its unused pooler in place."""
+        model.pooler = None
+        return super().from_module(model, spec, processor)
+
+    @classmethod
+    def default_processor(cls, config: PretrainedConfig) -> Any:
+        return None  # a tokenizer is vocabulary files, not config: it comes from the model's folder
+
+    @classmethod
+    def load_processor(cls, folder: Path) -> Any:
+        folder = Path(folder)
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+            return None
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        sentence_config = folder / "sentence_bert_config.json"
+        if sentence_config.is_file():
+            # sentence-transformers truncates at its own max_seq_length, shorter than the tokenizer's
+            tokenizer.model_max_length = json.loads(sentence_config.read_text())["max_seq_length"]
+        return tokenizer
+
+    def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+        if self.processor is None:
+            raise UserError(
+                f"{self.source.spec} has no tokenizer: load the model from its folder (with its tokenizer files) "
+                "or pass processor=AutoTokenizer.from_pretrained(...) to from_module"
+            )
+        return dict(self.processor(list(samples), padding=True, truncation=True, return_tensors="pt"))
+
+    @torch.no_grad()
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2, dim=1)
+
+
+def _load_weights(
+    model_class: type[PreTrainedModel], folder: Path, config: PretrainedConfig, **kwargs: Any
+) -> PreTrainedModel:
+    try:
+        with _quiet_load_report():
+            model, info = model_class.from_pretrained(
+                folder, config=config, use_safetensors=True, dtype=torch.float32, output_loading_info=True, **kwargs
+            )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(
+            f"cannot load {model_class.__name__} weights from {folder} ({str(error).strip().splitlines()[0]}): "
+            "the folder needs safetensors weights that match its config.json"
+        ) from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(
+            f"{folder} lacks {len(missing)} weights of {model_class.__name__} (e.g. {missing[0]}): "
+            "it is not a complete checkpoint of this model"
+        )
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Loading the image tower of a two-tower checkpoint reports every text weight as unexpected;
+    the keys that matter, the missing ones, are checked by the caller instead. A filter, not a
+    level: transformers runs extra checks, with their own warnings, when that logger's level is raised."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(_drop_warnings)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(_drop_warnings)
+
+
+def _drop_warnings(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR

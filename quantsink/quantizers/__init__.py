@@ -1,0 +1,1 @@
+"""Quantization backends: fake (simulated) first; each registers in QUANTIZERS."""

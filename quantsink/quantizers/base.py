@@ -1,0 +1,86 @@
+"""What every quantization backend shares: which Linear modules a recipe targets, and the
+prepare -> calibrate -> freeze lifecycle. Backends know Linear layers and scales, never a
+method or a model family."""
+from __future__ import annotations
+
+import contextlib
+import re
+from abc import ABC, abstractmethod
+from typing import Any, Iterator
+
+from torch import nn
+
+from quantsink.errors import UserError
+from quantsink.recipe import QuantizationConfig
+
+
+def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    """llm-compressor's convention: a class name (of the module or a base class), or
+    're:<regex>' matched with re.match against the module's qualified name."""
+    class_names = {cls.__name__ for cls in type(module).__mro__}
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif pattern in class_names:
+            return True
+    return False
+
+
+def target_linears(model: nn.Module, config: QuantizationConfig) -> dict[str, nn.Linear]:
+    """The Linear modules the recipe asks for, in model order.
+
+    Linears owned by nn.MultiheadAttention are left out: it reads their weights directly and
+    never calls them, so replacing them would silently do nothing."""
+    skipped = {
+        id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention) for child in module.children()
+    }
+    chosen = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and id(module) not in skipped
+        and matches(name, module, config.targets)
+        and not matches(name, module, config.ignore)
+    }
+    if not chosen:
+        raise UserError(
+            f"quantization.targets {config.targets} (minus ignore {config.ignore}) match no Linear module: "
+            "use a class name such as Linear or a 're:<regex>' on module names"
+        )
+    return chosen
+
+
+def replace_module(model: nn.Module, qualified_name: str, replacement: nn.Module) -> None:
+    parent_name, _, child_name = qualified_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, replacement)
+
+
+class Quantizer(ABC):
+    """A backend. Lifecycle: `prepare` swaps the targets for observing modules, the model runs
+    on calibration data inside `calibrating`, `freeze` fixes the scales. `state` records what
+    `restore` needs to rebuild frozen modules on a fresh model before loading a checkpoint."""
+
+    def __init__(self, config: QuantizationConfig):
+        self.config = config
+
+    @abstractmethod
+    def prepare(self, model: nn.Module) -> list[str]:
+        """Swap the targeted modules; returns their names."""
+
+    @contextlib.contextmanager
+    def calibrating(self, model: nn.Module) -> Iterator[None]:
+        yield
+
+    @abstractmethod
+    def freeze(self, model: nn.Module) -> None:
+        ...
+
+    @abstractmethod
+    def state(self, model: nn.Module) -> dict[str, Any]:
+        ...
+
+    @abstractmethod
+    def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
+        ...

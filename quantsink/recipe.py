@@ -1,0 +1,198 @@
+"""The recipe: a YAML file validated into a `Recipe`. Every error names the field path, what
+was expected and what was found, so that a malformed recipe is a one-line fix."""
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantsink.errors import UserError
+from quantsink.registry import EXPORT_FORMATS, METHODS, OBSERVERS, QUANTIZERS, Registry
+
+
+def _integer_between(low: int, high: int):
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an integer {low}-{high}, got {value!r}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _positive_integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _registered_in(registry: Registry):
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value not in registry:
+            raise ValueError(registry.unknown_message(str(value)))
+        return value
+
+    return BeforeValidator(check)
+
+
+Bits = Annotated[int, _integer_between(2, 8)]
+PositiveInt = Annotated[int, BeforeValidator(_positive_integer)]
+ObserverName = Annotated[str, _registered_in(OBSERVERS)]
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=True, validate_default=True)
+
+
+class WeightGranularity(str, Enum):
+    per_tensor = "per_tensor"
+    per_channel = "per_channel"
+    per_group = "per_group"
+
+
+class ActivationGranularity(str, Enum):
+    per_tensor = "per_tensor"
+    per_token = "per_token"
+
+
+class CalibrationConfig(Schema):
+    data: str = "bundled"
+    num_samples: PositiveInt = 64
+    batch_size: PositiveInt = 8
+    seed: Annotated[int, Field(ge=0)] = 0
+    holdout: PositiveInt = 32
+    seq_len: Optional[PositiveInt] = None
+
+
+class WeightArgs(Schema):
+    bits: Bits = 8
+    granularity: WeightGranularity = WeightGranularity.per_channel
+    group_size: Optional[PositiveInt] = None
+    symmetric: bool = True
+    observer: ObserverName = "minmax"
+
+    @model_validator(mode="after")
+    def _group_size_matches_granularity(self) -> "WeightArgs":
+        if self.granularity == WeightGranularity.per_group and self.group_size is None:
+            raise ValueError("per_group granularity needs group_size (e.g. 128)")
+        if self.granularity != WeightGranularity.per_group and self.group_size is not None:
+            raise ValueError(f"group_size only applies to per_group granularity, not {self.granularity}")
+        return self
+
+
+class ActivationArgs(Schema):
+    bits: Bits = 8
+    granularity: ActivationGranularity = ActivationGranularity.per_tensor
+    dynamic: bool = False
+    symmetric: bool = True
+    observer: ObserverName = "minmax"
+
+    @model_validator(mode="after")
+    def _static_needs_a_fixed_shape(self) -> "ActivationArgs":
+        if self.granularity == ActivationGranularity.per_token and not self.dynamic:
+            raise ValueError("per_token activations need dynamic: true (token count varies at run time)")
+        if self.dynamic and self.observer != "minmax":
+            raise ValueError(f"dynamic activations take the range of each tensor; observer {self.observer!r} needs dynamic: false")
+        return self
+
+
+class QuantizationConfig(Schema):
+    backend: Annotated[str, _registered_in(QUANTIZERS)] = "fake"
+    weights: Optional[WeightArgs] = Field(default_factory=WeightArgs)
+    activations: Optional[ActivationArgs] = Field(default_factory=ActivationArgs)
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=list)
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, targets: list[str]) -> list[str]:
+        if not targets:
+            raise ValueError("expected at least one target (a module class name or 're:<regex>')")
+        return targets
+
+
+class ExportConfig(Schema):
+    format: Annotated[str, _registered_in(EXPORT_FORMATS)] = "fake-quant"
+
+
+class Recipe(Schema):
+    name: str = "quantsink"
+    model: Optional[str] = None
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    methods: list[dict[str, Any]] = Field(default_factory=list)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods_are_registered(cls, methods: Any) -> Any:
+        if methods is None:
+            return []
+        if not isinstance(methods, list):
+            raise ValueError(f"expected a list of '- name: {{options}}' entries, got {methods!r}")
+        for entry in methods:
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise ValueError(f"each method is a one-key mapping like '- regcache: {{...}}', got {entry!r}")
+            (name,) = entry
+            if name not in METHODS:
+                raise ValueError(METHODS.unknown_message(name))
+        return methods
+
+    # --- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "Recipe":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise UserError(f"recipe {path} does not exist: pass a YAML file (see recipes/)") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"recipe {path} cannot be read ({error}): pass a UTF-8 YAML file") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise UserError(f"recipe {path} is not valid YAML{line}: fix the syntax") from None
+        return cls.from_dict(data if data is not None else {}, origin=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise UserError(f"{origin}: expected a mapping of recipe fields, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise UserError(f"{origin}: {describe_validation_error(error)}") from None
+
+    @classmethod
+    def coerce(cls, recipe: "Recipe | dict | str | os.PathLike") -> "Recipe":
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, dict):
+            return cls.from_dict(recipe)
+        return cls.from_yaml(recipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def method_options(self, name: str) -> list[dict[str, Any]]:
+        return [entry[name] or {} for entry in self.methods if name in entry]
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """The first problem as `field.path: what was expected, what was found`."""
+    first = error.errors()[0]
+    path = ".".join(str(part) for part in first["loc"]) or "recipe"
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown field; remove it or check its spelling"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("enum", "literal_error"):
+        message = f"{message}, got {first.get('input')!r}"
+    return f"{path}: {message}"

@@ -1,0 +1,83 @@
+"""Bad input: exit status 2, one line naming the cause, and no output folder left behind."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from quantsink import cli
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "quantsink.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(completed, *fragments):
+    assert completed.returncode == 2, completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if line.startswith("quantsink: error:")]
+    assert len(lines) == 1, completed.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def good_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\ncalibration: {num_samples: 4, holdout: 2, batch_size: 2}\n")
+    return path
+
+
+def test_malformed_recipe(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("quantization:\n  activations: {bits: nine}\n")
+    completed = run_cli("quantize", "all-minilm-l6-v2", str(recipe), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert_one_line_error(completed, "quantization.activations.bits: expected an integer 2-8, got 'nine'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_suggests_close_names(tmp_path, good_recipe):
+    completed = run_cli("quantize", "clip-vit-l14", str(good_recipe), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert_one_line_error(completed, "clip-vit-l")
+    assert not (tmp_path / "out").exists()
+
+
+def test_uncached_hub_id_says_how_to_fix(tmp_path, good_recipe):
+    completed = run_cli("quantize", "hf:openai/clip-vit-large-patch14", str(good_recipe), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert_one_line_error(completed, "local folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_calibration_folder(tmp_path, good_recipe):
+    empty = tmp_path / "images"
+    empty.mkdir()
+    completed = run_cli("quantize", "all-minilm-l6-v2", str(good_recipe), "--calib", str(empty), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert_one_line_error(completed, str(empty))
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_existing_output_is_not_overwritten(tmp_path, good_recipe, capsys):
+    (tmp_path / "out").mkdir()
+    assert cli.main(["quantize", "all-minilm-l6-v2", str(good_recipe), "-o", str(tmp_path / "out")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_failure_midway_leaves_no_output(tmp_path, good_recipe, monkeypatch):
+    from quantsink import export
+
+    def explode(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.io, "write_json", explode)
+    assert cli.main(["quantize", "all-minilm-l6-v2", str(good_recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 130
+    assert list(tmp_path.iterdir()) == [good_recipe]
+
+
+def test_models_lists_every_short_name(capsys):
+    assert cli.main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for name, source in [("clip-vit-l", "hf:openai/clip-vit-large-patch14"), ("openclip-vit-h14", "open_clip:ViT-H-14"),
+                         ("siglip2-b16", "hf:google/siglip2-base-patch16-224"), ("dinov2-l", "hf:facebook/dinov2-large")]:
+        assert any(name in line.split() and source in line for line in listing.splitlines())
