@@ -20,7 +20,8 @@ from quantsink.models import resolve
 from quantsink.models.base import Adapter
 from quantsink.quantizers.base import Quantizer
 from quantsink.recipe import Recipe
-from quantsink.registry import QUANTIZERS
+from quantsink.methods.base import Method, MethodContext
+from quantsink.registry import METHODS, QUANTIZERS
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class QuantizationResult:
     adapter: Adapter
     recipe: Recipe
     quantizer: Quantizer
+    methods: list[Method]
     stats: ActivationStats
     report: dict[str, Any]
 
@@ -61,16 +63,24 @@ def quantize(
     settings = recipe.calibration
     samples = load_samples(settings.data, adapter.modality, settings.num_samples, settings.holdout, settings.seed, settings.seq_len)
     holdout_inputs = [adapter.preprocess(batch) for batch in batched(samples.holdout, settings.batch_size)]
+    calibration_inputs = [adapter.preprocess(batch) for batch in batched(samples.calibration, settings.batch_size)]
     reference = embed_batches(adapter, holdout_inputs)
 
-    quantizer = QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
+    def make_quantizer() -> Quantizer:
+        return QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
+
+    context = MethodContext(adapter, recipe, calibration_inputs, make_quantizer, progress)
+    methods = [METHODS.get(name)(METHODS.get(name).validate_options(options))
+               for entry in recipe.methods for name, options in entry.items()]
+    method_reports = {method.name: method.apply(context) for method in methods}
+
+    quantizer = make_quantizer()
     targets = quantizer.prepare(adapter.model)
     collector = StatisticsCollector(adapter, {name: adapter.model.get_submodule(name) for name in targets})
     started = time.perf_counter()
-    batches = list(batched(samples.calibration, settings.batch_size))
     with collector.attached(), quantizer.calibrating(adapter.model):
-        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-            collector.run(adapter.preprocess(batch))
+        for inputs in tqdm(calibration_inputs, desc="calibrating", unit="batch", disable=not progress):
+            collector.run(inputs)
     calibration_seconds = time.perf_counter() - started
     quantizer.freeze(adapter.model)
     stats = collector.result()
@@ -86,11 +96,12 @@ def quantize(
             "seconds": calibration_seconds,
         },
         "quantized_modules": len(targets),
+        "methods": method_reports,
         "fidelity": fidelity(reference, embed_batches(adapter, holdout_inputs)),
         "outliers": stats.summary(),
     }
     log.info("holdout cosine %.4f (min %.4f)", report["fidelity"]["cosine_mean"], report["fidelity"]["cosine_min"])
-    return QuantizationResult(adapter=adapter, recipe=recipe, quantizer=quantizer, stats=stats, report=report)
+    return QuantizationResult(adapter=adapter, recipe=recipe, quantizer=quantizer, methods=methods, stats=stats, report=report)
 
 
 def with_overrides(recipe: Recipe, data: Optional[str], num_samples: Optional[int], seed: Optional[int]) -> Recipe:

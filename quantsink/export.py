@@ -17,12 +17,15 @@ from quantsink.errors import CheckpointError, UserError
 from quantsink.models import rebuild
 from quantsink.models.base import Adapter, ModelSource
 from quantsink.recipe import QuantizationConfig
-from quantsink.registry import EXPORT_FORMATS, QUANTIZERS
+from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
 
 if TYPE_CHECKING:
     from quantsink.api import QuantizationResult
 
 log = logging.getLogger(__name__)
+
+# Tensors of the methods (e.g. RegCache's registers), kept apart from the model's own state.
+METHOD_TENSORS = "methods.safetensors"
 
 
 @EXPORT_FORMATS.register("fake-quant")
@@ -38,6 +41,13 @@ def save(result: "QuantizationResult", destination: str | Path) -> Path:
     with io.atomic_output_dir(destination) as staging:
         format_details = EXPORT_FORMATS.get(export_format)(result, staging)
         result.adapter.save_assets(staging)
+        method_states, method_tensors = [], {}
+        for method in result.methods:
+            state, tensors = method.state()
+            method_states.append({"name": method.name, "state": state})
+            method_tensors.update({f"{method.name}/{key}": tensor for key, tensor in tensors.items()})
+        if method_tensors:
+            io.save_tensors(method_tensors, staging / METHOD_TENSORS)
         io.write_json(
             staging / io.MANIFEST,
             {
@@ -45,6 +55,7 @@ def save(result: "QuantizationResult", destination: str | Path) -> Path:
                 "export_format": export_format,
                 "source": result.adapter.source.to_dict(),
                 "recipe": result.recipe.to_dict(),
+                "methods": method_states,
                 "quantization": {
                     "backend": result.recipe.quantization.backend,
                     "config": result.recipe.quantization.model_dump(mode="json"),
@@ -74,12 +85,25 @@ def load_adapter(folder: str | Path) -> Adapter:
         adapter = rebuild(source, assets_dir=folder)
     except UserError as error:
         raise CheckpointError(f"{folder / io.MANIFEST}: {error}") from None
+    restore_methods(adapter, manifest.get("methods", []), folder)
     if quantization is not None:
         config = QuantizationConfig.model_validate(quantization["config"])
         QUANTIZERS.get(quantization["backend"])(config).restore(adapter.model, quantization["state"])
     io.load_state_into(adapter.model, io.load_tensors(folder / io.WEIGHTS), folder / io.WEIGHTS)
     adapter.model.eval()
     return adapter
+
+
+def restore_methods(adapter: Adapter, method_states: list[dict[str, Any]], folder: Path) -> None:
+    tensors = io.load_tensors(folder / METHOD_TENSORS) if method_states and (folder / METHOD_TENSORS).exists() else {}
+    for entry in method_states:
+        try:
+            method = METHODS.get(entry["name"])
+        except UserError as error:
+            raise CheckpointError(f"{folder / io.MANIFEST}: {error}") from None
+        prefix = f"{entry['name']}/"
+        own = {key[len(prefix):]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+        method.restore(adapter, entry["state"], own)
 
 
 def load(folder: str | Path) -> nn.Module:

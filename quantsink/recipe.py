@@ -3,6 +3,7 @@ was expected and what was found, so that a malformed recipe is a one-line fix.""
 from __future__ import annotations
 
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -133,12 +134,16 @@ class Recipe(Schema):
             return []
         if not isinstance(methods, list):
             raise ValueError(f"expected a list of '- name: {{options}}' entries, got {methods!r}")
-        for entry in methods:
+        for index, entry in enumerate(methods):
             if not isinstance(entry, dict) or len(entry) != 1:
                 raise ValueError(f"each method is a one-key mapping like '- regcache: {{...}}', got {entry!r}")
-            (name,) = entry
+            ((name, options),) = entry.items()
             if name not in METHODS:
                 raise ValueError(METHODS.unknown_message(name))
+            try:
+                METHODS.get(name).validate_options(options)
+            except ValueError as error:
+                raise ValueError(f"{index}.{name}.{error}") from None
         return methods
 
     # --- loading ------------------------------------------------------------------------
@@ -182,9 +187,6 @@ class Recipe(Schema):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def method_options(self, name: str) -> list[dict[str, Any]]:
-        return [entry[name] or {} for entry in self.methods if name in entry]
-
 
 def describe_validation_error(error: ValidationError) -> str:
     """The first problem as `field.path: what was expected, what was found`."""
@@ -195,4 +197,6 @@ def describe_validation_error(error: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("enum", "literal_error"):
         message = f"{message}, got {first.get('input')!r}"
+    if re.match(r"\d+\.\S+: ", message):  # a method's own options: its path continues ours
+        return f"{path}.{message}"
     return f"{path}: {message}"
