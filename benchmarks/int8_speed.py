@@ -7,13 +7,17 @@ parameters, 197 tokens) and random weights: speed does not depend on the weights
 variant is quantized through `quantsink.quantize` (calibrated on the bundled photographs) and
 timed in the same process on the same batch; the timing rounds interleave the variants, so
 that a change of machine load hits them all alike. Latency is the median over the rounds after
-one warm-up call each; ratios are fp32 latency / variant latency (higher is faster).
+one warm-up call each; ratios are fp32 latency / variant latency (higher is faster). The
+machine's load average is printed beside them: on a shared machine other processes preempt
+torch's threads, which slows every variant but a 2-thread one most (each parallel op waits for
+its slowest thread), so `--threads 1` gives the steadier ratios there.
 Checkpoint sizes are those of `model.safetensors`: fp32 as saved unquantized, and the int8
 export of the W8A8 static model."""
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -77,8 +81,10 @@ def main() -> None:
         for name, model in models.items():
             seconds[name].append(timed(model, pixels))
 
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(f"CLIP ViT-B/16 vision tower (random weights), batch {args.batch}, 224x224, "
-          f"{args.threads} torch threads, median of {args.repeats} interleaved rounds")
+          f"{args.threads} torch threads, median of {args.repeats} interleaved rounds; "
+          f"load average {load} on {os.cpu_count()} CPUs")
     baseline = statistics.median(seconds["fp32"])
     for name, times in seconds.items():
         median = statistics.median(times)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
+import torch
+from pydantic import ValidationError
 from torch import nn
 
 from quantsink import io
 from quantsink.errors import CheckpointError, UserError
 from quantsink.models import rebuild
 from quantsink.models.base import Adapter, ModelSource
-from quantsink.recipe import QuantizationConfig
+from quantsink.quantizers.int8 import int8_export, int8_incompatibility
+from quantsink.recipe import QuantizationConfig, describe_validation_error
 from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
 
 if TYPE_CHECKING:
@@ -28,18 +31,58 @@ log = logging.getLogger(__name__)
 METHOD_TENSORS = "methods.safetensors"
 
 
-@EXPORT_FORMATS.register("fake-quant")
-def write_fake_quant(result: "QuantizationResult", folder: Path) -> dict[str, Any]:
-    """Float weights (already quantize-dequantized) beside their scales and zero points."""
-    io.save_tensors(result.model.state_dict(), folder / io.WEIGHTS)
-    return {}
+class ExportFormat:
+    """How a quantized model's tensors are laid out in a folder.
+
+    `write` saves them and returns what it changes in quantsink.json's `quantization` section
+    (e.g. the backend that runs the saved tensors); `read` turns the saved tensors back into the
+    state of the model that backend's `restore` rebuilt. The default is the model's own state."""
+
+    def check(self, config: QuantizationConfig) -> Optional[str]:
+        """Why this format cannot hold a model quantized as `config`, or None."""
+        return None
+
+    def write(self, result: "QuantizationResult", folder: Path) -> dict[str, Any]:
+        io.save_tensors(result.model.state_dict(), folder / io.WEIGHTS)
+        return {}
+
+    def read(self, folder: Path, model: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return io.load_tensors(folder / io.WEIGHTS)
+
+
+# fake: float weights (already quantize-dequantized) beside their scales and zero points, for
+# research; other backends: their modules' own state (torchao and quanto: int8 data and scales)
+EXPORT_FORMATS.register("fake-quant")(ExportFormat())
+
+
+class Int8Export(ExportFormat):
+    """int8 weights and float scales (about a quarter of fp32); loads into the int8 backend."""
+
+    def check(self, config: QuantizationConfig) -> Optional[str]:
+        if config.backend not in ("fake", "int8"):
+            problem = f"quantization.backend is {config.backend}, export.format int8 packs the fake or int8 backend's layers"
+        else:
+            problem = int8_incompatibility(config)
+        return None if problem is None else f"{problem}: use export.format fake-quant"
+
+    def write(self, result: "QuantizationResult", folder: Path) -> dict[str, Any]:
+        problem = self.check(result.recipe.quantization)
+        if problem is not None:
+            raise UserError(problem)
+        tensors, state = int8_export(result.model)
+        io.save_tensors(tensors, folder / io.WEIGHTS)
+        config = result.recipe.quantization.model_copy(update={"backend": "int8"})
+        return {"backend": "int8", "config": config.model_dump(mode="json"), "state": state}
+
+
+EXPORT_FORMATS.register("int8")(Int8Export())
 
 
 def save(result: "QuantizationResult", destination: str | Path) -> Path:
     destination = Path(destination)
     export_format = result.recipe.export.format
     with io.atomic_output_dir(destination) as staging:
-        format_details = EXPORT_FORMATS.get(export_format)(result, staging)
+        format_details = EXPORT_FORMATS.get(export_format).write(result, staging)
         result.adapter.save_assets(staging)
         method_states, method_tensors = [], {}
         for method in result.methods:
@@ -86,10 +129,20 @@ def load_adapter(folder: str | Path) -> Adapter:
     except UserError as error:
         raise CheckpointError(f"{folder / io.MANIFEST}: {error}") from None
     restore_methods(adapter, manifest.get("methods", []), folder)
-    if quantization is not None:
-        config = QuantizationConfig.model_validate(quantization["config"])
-        QUANTIZERS.get(quantization["backend"])(config).restore(adapter.model, quantization["state"])
-    io.load_state_into(adapter.model, io.load_tensors(folder / io.WEIGHTS), folder / io.WEIGHTS)
+    try:
+        if quantization is not None:
+            config = QuantizationConfig.model_validate(quantization["config"])
+            QUANTIZERS.get(quantization["backend"])(config).restore(adapter.model, quantization["state"])
+        export_format = EXPORT_FORMATS.get(manifest.get("export_format", "fake-quant"))
+    except ValidationError as error:
+        raise CheckpointError(f"{folder / io.MANIFEST}: quantization.config.{describe_validation_error(error)}; re-export the folder") from None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{folder / io.MANIFEST}: malformed quantization section ({type(error).__name__}: {error}); re-export the folder") from None
+    except CheckpointError:
+        raise
+    except UserError as error:
+        raise CheckpointError(f"{folder / io.MANIFEST}: {error}") from None
+    io.load_state_into(adapter.model, export_format.read(folder, adapter.model, manifest), folder / io.WEIGHTS)
     adapter.model.eval()
     return adapter
 

@@ -74,7 +74,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], origin: Path) -> None:
-    """Copy `tensors` into `module`, refusing missing, unexpected or mis-shaped entries."""
+    """Copy `tensors` into `module`, refusing missing, unexpected, mis-shaped or mis-typed entries."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -91,4 +91,9 @@ def load_state_into(module: torch.nn.Module, tensors: dict[str, torch.Tensor], o
                 f"{origin}: tensor {name} has shape {tuple(tensor.shape)}, the model needs "
                 f"{tuple(expected[name].shape)}; re-export it"
             )
+        # float widths may differ (a bf16 checkpoint into a float32 rebuild); integers
+        # (quantized weights, zero points) would be silently truncated or reinterpreted
+        wanted = expected[name].dtype
+        if tensor.dtype != wanted and not (tensor.is_floating_point() and wanted.is_floating_point):
+            raise CheckpointError(f"{origin}: tensor {name} is {tensor.dtype}, the model needs {wanted}; re-export it")
     module.load_state_dict(tensors, strict=True)

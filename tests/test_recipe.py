@@ -12,7 +12,8 @@ RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml")
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_validate(path):
     recipe = Recipe.from_yaml(path)
-    assert recipe.model is not None
+    # fixture recipes take their model (a local folder) from the command line
+    assert recipe.model is not None or path.name.startswith("planted-")
     assert recipe.name == path.stem
 
 

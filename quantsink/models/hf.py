@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
+    AttentionInterface,
     AutoConfig,
     AutoImageProcessor,
     AutoTokenizer,
@@ -37,12 +39,38 @@ from transformers import (
     SiglipVisionModel,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from quantsink.errors import CheckpointError, ModelLoadError, UserError
 from quantsink.io import MANIFEST
-from quantsink.models.base import Adapter, ModelSource, register_adapter
+from quantsink.models.base import Adapter, ModelSource, TokenDeletion, edit_attention, register_adapter, take_tokens
 
 logger = logging.getLogger(__name__)
+
+# Attention edits (quantsink.models.base.edit_attention) go in through transformers' attention-
+# function registry: "quantsink_sdpa" and "quantsink_eager" hand keys, values and mask to
+# edit_attention and then run the kernel they are named after, with that kernel's mask format.
+EDITED_KERNEL = "quantsink_"
+EDITABLE_KERNELS = ("eager", "sdpa")
+
+
+def _edited_attention(kernel: str):
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any):
+        key, value, attention_mask = edit_attention(module, key, value, attention_mask)
+        if kernel == "eager":  # each modeling file has its own eager function, not in the registry
+            run = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            run = ALL_ATTENTION_FUNCTIONS[kernel]
+        return run(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+for _kernel in EDITABLE_KERNELS:
+    AttentionInterface.register(EDITED_KERNEL + _kernel, _edited_attention(_kernel))
+    AttentionMaskInterface.register(EDITED_KERNEL + _kernel, ALL_MASK_ATTENTION_FUNCTIONS[_kernel])
 
 
 class HFAdapter(Adapter):
@@ -75,6 +103,8 @@ class HFAdapter(Adapter):
         family's config implies."""
         config = model.config.to_dict()
         config["architectures"] = [type(model).__name__]
+        # kernels differ in rounding: a rebuilt model must run the one this model runs
+        config["attn_implementation"] = model.config._attn_implementation.removeprefix(EDITED_KERNEL)
         if processor is None:
             processor = cls.default_processor(model.config)
         return cls(model, ModelSource(cls.family, spec, config), processor)
@@ -151,6 +181,30 @@ class HFAdapter(Adapter):
     @property
     def num_prefix_tokens(self) -> int:
         return self.leading_tokens
+
+    # --- sequence edits ------------------------------------------------------------------
+    def _editable_attention(self, block_index: int) -> nn.Module:
+        kernel = self.model.config._attn_implementation
+        if not kernel.startswith(EDITED_KERNEL):
+            if kernel not in EDITABLE_KERNELS:
+                raise UserError(
+                    f"{self.source.spec} runs attention with {kernel!r}: quantsink edits attention only under "
+                    f"{' or '.join(EDITABLE_KERNELS)}; load the model with attn_implementation='sdpa'"
+                )
+            self.model.set_attn_implementation(EDITED_KERNEL + kernel)
+        return self.attention(block_index)
+
+    def _call_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        return args[1] if len(args) > 1 else kwargs.get("attention_mask")
+
+    def _with_call(
+        self, args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[tuple, dict[str, Any]]:
+        if len(args) > 1:
+            return (hidden, mask, *args[2:]), kwargs
+        if "attention_mask" in kwargs:
+            kwargs = {**kwargs, "attention_mask": mask}
+        return (hidden, *args[1:]), kwargs
 
     def _check_layout(self) -> None:
         """Fail at load time, not mid-calibration, on a variant whose layers look different."""
@@ -235,6 +289,29 @@ class HFSiglip2Adapter(HFAdapter):
     def default_processor(cls, config: PretrainedConfig) -> Any:
         return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
 
+    def _follow_deletion(self, deletion: TokenDeletion) -> list[torch.utils.hooks.RemovableHandle]:
+        """The pooling head takes the pixel attention mask of the full sequence, and a NaFlex
+        patch grid is each image's own `spatial_shapes`."""
+
+        def pool_kept(_module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            hidden, mask = args[0], args[1] if len(args) > 1 else kwargs.get("attention_mask")
+            if mask is None or mask.shape[-1] == hidden.shape[1]:
+                return None
+            return (hidden, take_tokens(mask, deletion.kept, 1), *args[2:]), {}
+
+        def note_grids(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
+            deletion.grids = [tuple(shape) for shape in kwargs["spatial_shapes"].tolist()]
+
+        handles = []
+        if deletion.refill == "neighbours":
+            handles.append(self.model.register_forward_pre_hook(note_grids, with_kwargs=True))
+        if self.model.use_head:
+            handles.append(self.model.head.register_forward_pre_hook(pool_kept, with_kwargs=True))
+        return handles
+
+    def _patch_grids(self, deletion: TokenDeletion) -> list[tuple[int, int]]:
+        return deletion.grids
+
 
 @register_adapter
 class HFDinov2Adapter(HFAdapter):
@@ -299,6 +376,13 @@ class HFBertTextAdapter(HFAdapter):
             # sentence-transformers truncates at its own max_seq_length, shorter than the tokenizer's
             tokenizer.model_max_length = json.loads(sentence_config.read_text())["max_seq_length"]
         return tokenizer
+
+    def _follow_deletion(self, deletion: TokenDeletion) -> list[torch.utils.hooks.RemovableHandle]:
+        deletion.remove()
+        raise UserError(
+            "tokens cannot be deleted from a sentence encoder: its embedding averages the last hidden states "
+            "over the input's attention mask, outside the model"
+        )
 
     def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:
         if self.processor is None:

@@ -4,7 +4,8 @@ open_clip's blocks attend through torch's nn.MultiheadAttention, which keeps q, 
 fused parameter and reads `out_proj.weight` without ever calling `out_proj`. A quantizer that
 swaps nn.Linear modules would silently miss or break it, and methods that extend keys and values
 cannot reach them. So every tower this adapter holds has its attentions replaced by
-`SplitMultiheadAttention`: the same computation with four explicit nn.Linear projections.
+`SplitMultiheadAttention`: the same computation with four explicit nn.Linear projections, which
+hands its keys and values to quantsink's attention edits (prefix, observers).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from quantsink.errors import ModelLoadError
-from quantsink.models.base import Adapter, ModelSource, register_adapter
+from quantsink.errors import ModelLoadError, UserError
+from quantsink.models.base import Adapter, ModelSource, edit_attention, register_adapter
 from quantsink.models.hub import hub_file
 
 logger = logging.getLogger(__name__)
@@ -100,10 +101,11 @@ class SplitMultiheadAttention(nn.Module):
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = ~attn_mask  # nn.MultiheadAttention masks True positions, SDPA keeps them
         batch, length, _ = query.shape
+        keys, values, attn_mask = edit_attention(self, self._heads(self.k_proj(key)), self._heads(self.v_proj(value)), attn_mask)
         output = F.scaled_dot_product_attention(
             self._heads(self.q_proj(query)),
-            self._heads(self.k_proj(key)),
-            self._heads(self.v_proj(value)),
+            keys,
+            values,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
@@ -207,6 +209,11 @@ class OpenCLIPAdapter(Adapter):
     @property
     def num_prefix_tokens(self) -> int:
         return 1  # the class token, present whatever the pooling
+
+    def _editable_attention(self, block_index: int) -> SplitMultiheadAttention:
+        if not self.model.transformer.batch_first:
+            raise UserError("quantsink edits the attention of batch-first open_clip towers only")
+        return self.attention(block_index)
 
     # --- data ---------------------------------------------------------------------------
     def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:

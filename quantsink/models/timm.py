@@ -1,7 +1,9 @@
 """Adapter for timm Vision Transformers (`timm.models.vision_transformer.VisionTransformer`).
 
-timm's attention keeps a fused `qkv` nn.Linear and calls it, so it needs no rewriting. The
+timm's attention keeps a fused `qkv` nn.Linear and calls it, so quantizers need no rewriting. The
 embedding is the pre-logits feature: `forward_head(forward_features(x), pre_logits=True)`.
+An attention that gets quantsink edits (key/value prefix, observers) becomes an
+`EditableAttention` in place: same parameters and names, a forward that hands keys and values over.
 """
 from __future__ import annotations
 
@@ -12,16 +14,45 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import create_transform, resolve_model_data_config
-from timm.layers import LayerScale
+from timm.layers import Attention, LayerScale
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from quantsink.errors import ModelLoadError
-from quantsink.models.base import Adapter, ModelSource, register_adapter
+from quantsink.errors import ModelLoadError, UserError
+from quantsink.models.base import Adapter, ModelSource, edit_attention, register_adapter
 from quantsink.models.hub import hub_file
 
 logger = logging.getLogger(__name__)
+
+
+class EditableAttention(Attention):
+    """timm's Attention whose keys and values, after the key norm, go through `edit_attention`.
+    Without edits it computes exactly what Attention computes."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        batch, length, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        prefixed = k.shape[-2]
+        k, v, attn_mask = edit_attention(self, k, v, attn_mask)
+        if is_causal and k.shape[-2] != prefixed:
+            raise UserError("a key/value prefix cannot be combined with causal attention")
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(length, attn, attn_mask, is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(batch, length, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
 
 
 @register_adapter
@@ -102,6 +133,14 @@ class TimmViTAdapter(Adapter):
     @property
     def num_prefix_tokens(self) -> int:
         return self.model.num_prefix_tokens  # class token + registers
+
+    def _editable_attention(self, block_index: int) -> EditableAttention:
+        attention = self.attention(block_index)
+        if type(attention) is Attention:
+            attention.__class__ = EditableAttention  # same module, same state_dict: only forward changes
+        if not isinstance(attention, EditableAttention):
+            raise UserError(f"quantsink cannot edit timm's {type(attention).__name__}: only timm.layers.Attention")
+        return attention
 
     # --- data ---------------------------------------------------------------------------
     def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:

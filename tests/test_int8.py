@@ -1,0 +1,321 @@
+"""Real int8 execution (the `int8` backend) and the exports that carry integers: `int8` and
+`compressed-tensors` (loaded back by transformers' `from_pretrained`)."""
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import quantsink
+from quantsink import cli
+from quantsink.compressed_tensors_format import save_compressed_tensors
+from quantsink.data import load_samples
+from quantsink.errors import UserError
+from quantsink.export import load_adapter
+from quantsink.models import resolve, save_model
+from quantsink.quantizers import int8 as int8_module
+from quantsink.quantizers.fake import FakeQuantizer
+from quantsink.quantizers.functional import quantize
+from quantsink.quantizers.int8 import Int8Linear, Int8Quantizer, int8_matmul
+from quantsink.recipe import QuantizationConfig
+from quantsink.testing.tiny import build_tiny
+
+CALIBRATION = {"data": "bundled", "num_samples": 4, "batch_size": 4, "seed": 0, "holdout": 4}
+ACTIVATIONS = {
+    "static per-tensor": {"granularity": "per_tensor", "dynamic": False},
+    "dynamic per-token": {"granularity": "per_token", "dynamic": True},
+    "dynamic per-tensor": {"granularity": "per_tensor", "dynamic": True},
+    "weight-only": None,
+}
+
+
+def config(**fields) -> QuantizationConfig:
+    return QuantizationConfig.model_validate(fields)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 40, bias=False))
+
+
+def calibrated(model: nn.Module, quantizer, data: torch.Tensor) -> nn.Module:
+    quantizer.prepare(model)
+    with torch.no_grad(), quantizer.calibrating(model):
+        model(data)
+    quantizer.freeze(model)
+    return model
+
+
+@pytest.mark.parametrize("activations", ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_int8_gives_the_fake_outputs_within_float_rounding(activations, weights):
+    settings = config(weights={"granularity": weights}, activations=activations)
+    data = torch.randn(3, 20, 48)
+    fake = calibrated(mlp(), FakeQuantizer(settings), data)
+    real = calibrated(mlp(), Int8Quantizer(settings), data)
+    assert all(isinstance(real[i], Int8Linear) for i in (0, 2))
+    # the same integers and scales as the fake backend's
+    for index in (0, 2):
+        assert real[index].weight.dtype == torch.int8
+        assert torch.equal(real[index].weight.float() * real[index].weight_scale, fake[index].weight)
+    probe = torch.randn(2, 33, 48) * 1.5  # beyond the calibrated range too: both clip alike
+    with torch.no_grad():
+        expected, got = fake(probe), real(probe)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert not torch.equal(expected, mlp()(probe))  # and it is quantized at all
+
+
+def test_the_product_runs_in_int8(monkeypatch):
+    calls = []
+    int_mm = torch._int_mm
+
+    def spy(a, b):
+        calls.append((a.dtype, b.dtype))
+        return int_mm(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", spy)
+    model = calibrated(mlp(), Int8Quantizer(config()), torch.randn(8, 48))
+    with torch.no_grad():
+        model(torch.randn(5, 48))
+    assert calls == [(torch.int8, torch.int8)] * 2
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 5), (16, 8, 8), (17, 24, 9), (64, 96, 40)])
+def test_int8_matmul_is_exact_for_any_shape(shape):
+    rows, inner, columns = shape
+    a = torch.randint(-127, 128, (rows, inner), dtype=torch.int8)
+    b = torch.randint(-127, 128, (columns, inner), dtype=torch.int8).t()
+    assert torch.equal(int8_matmul(a, b), a.int() @ b.int())
+
+
+def test_in_place_rounding_is_functional_quantize():
+    x = torch.randn(64, 32) * 3
+    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 1000.0])  # ties round to even, out of range clips
+    scale = torch.tensor([[0.02]])
+    expected = quantize(x, scale, torch.zeros(()), 8, symmetric=True)
+    assert torch.equal(int8_module.quantize_symmetric_int8(x, scale).float(), expected)
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"weights": {"bits": 4}}, "quantization.weights.bits"),
+        ({"weights": {"symmetric": False}}, "quantization.weights.symmetric"),
+        ({"weights": {"granularity": "per_group", "group_size": 16}}, "quantization.weights.granularity"),
+        ({"weights": None}, "quantization.weights"),
+        ({"activations": {"bits": 6}}, "quantization.activations.bits"),
+        ({"activations": {"symmetric": False}}, "quantization.activations.symmetric"),
+    ],
+)
+def test_int8_refuses_what_it_cannot_run_when_constructed(fields, field):
+    with pytest.raises(UserError) as error:
+        Int8Quantizer(config(backend="int8", **fields))
+    message = str(error.value)
+    assert message.startswith(field + " ") and "\n" not in message and "backend fake" in message
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny") / "clip"
+    save_model(build_tiny("hf-clip"), folder)
+    return folder
+
+
+def write_recipe(folder, quantization, export_format):
+    path = folder / "recipe.yaml"
+    path.write_text(quantsink.Recipe.from_dict(
+        {"name": "t", "calibration": CALIBRATION, "quantization": quantization, "export": {"format": export_format}}
+    ).to_yaml())
+    return path
+
+
+def holdout_inputs(adapter):
+    samples = load_samples("bundled", adapter.modality, CALIBRATION["num_samples"], CALIBRATION["holdout"], seed=0)
+    return adapter.preprocess(samples.calibration), adapter.preprocess(samples.holdout)
+
+
+def test_int8_export_is_a_quarter_of_fp32_and_loads_in_int8(tiny_clip, tmp_path):
+    recipe = write_recipe(tmp_path, {"backend": "fake"}, "int8")
+    in_memory = quantsink.quantize(str(tiny_clip), recipe, progress=False)  # fake backend
+    in_memory.save(tmp_path / "out")
+    loaded = load_adapter(tmp_path / "out")
+    layers = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == in_memory.report["quantized_modules"]
+    manifest = json.loads((tmp_path / "out" / "quantsink.json").read_text())
+    assert manifest["quantization"]["backend"] == "int8"
+
+    # every Linear weight is stored as int8; the rest (embeddings, norms, biases, scales) in float
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    fp32 = resolve(str(tiny_clip)).model
+    linear_weights = {f"{name}.weight" for name, m in fp32.named_modules() if isinstance(m, nn.Linear)}
+    assert all(stored[key].dtype == torch.int8 for key in linear_weights)
+    expected_bytes = sum(t.numel() * (1 if k in linear_weights else t.element_size()) for k, t in fp32.state_dict().items())
+    stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    scale_bytes = sum(t.numel() * 4 for k, t in stored.items() if k.endswith("_scale"))
+    assert stored_bytes == expected_bytes + scale_bytes
+
+    calibration, holdout = holdout_inputs(loaded)
+    for inputs in (calibration, holdout):
+        expected, got = in_memory.adapter.embed(inputs), loaded.embed(inputs)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_export_refuses_what_int8_cannot_hold(tiny_clip, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, {"backend": "fake", "weights": {"bits": 4}}, "int8")
+    assert cli.main(["quantize", str(tiny_clip), str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("quantsink: error: quantization.weights.bits is 4") and "\n" not in message
+    assert "export.format fake-quant" in message
+    assert not (tmp_path / "out").exists()
+
+
+def hf_class(folder):
+    return getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+
+
+def check_compressed_tensors_folder(out, source, group):
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors"
+    assert config["format"] == "int-quantized" and config["quantization_status"] == "compressed"
+    assert config["kv_cache_scheme"] is None
+    (scheme,) = config["config_groups"].values()
+    assert scheme["targets"] == ["Linear"]
+    assert scheme["weights"].items() >= {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}.items()
+    assert scheme["input_activations"].items() >= {"num_bits": 8, "type": "int", "symmetric": True, **group}.items()
+    assert config["ignore"] == []  # every Linear is quantized
+    linears = [name for name, m in resolve(str(source)).model.named_modules() if isinstance(m, nn.Linear)]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert f.get_slice(f"{linears[0]}.weight").get_dtype() == "I8"
+    for name in linears:
+        assert {f"{name}.weight", f"{name}.weight_scale"} <= names
+        assert (f"{name}.input_scale" in names) == (not group["dynamic"])
+        assert f"{name}.weight_zero_point" not in names  # symmetric: no zero points
+
+
+def relative_error(got, expected):
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def test_compressed_tensors_of_the_cli_loads_in_transformers(tiny_clip, tmp_path):
+    recipe = write_recipe(tmp_path, {"backend": "int8"}, "compressed-tensors")
+    out = tmp_path / "out"
+    assert cli.main(["quantize", str(tiny_clip), str(recipe), "-o", str(out), "--quiet"]) == 0
+    check_compressed_tensors_folder(out, tiny_clip, {"strategy": "tensor", "dynamic": False})
+
+    hf = hf_class(out).from_pretrained(out).eval()
+    ours = load_adapter(out)
+    assert any(isinstance(m, Int8Linear) for m in ours.model.modules())
+    calibration, holdout = holdout_inputs(ours)
+    with torch.no_grad():
+        # identical inside the calibrated range; beyond it compressed-tensors clips at -128, not -127
+        assert relative_error(hf(**calibration)[0], ours.model(**calibration)[0]) < 1e-5
+        assert relative_error(hf(**holdout)[0], ours.model(**holdout)[0]) < 1e-2
+
+
+def test_compressed_tensors_of_a_dynamic_text_encoder(tmp_path):
+    source = tmp_path / "source"
+    save_model(build_tiny("hf-bert-text"), source)
+    recipe = write_recipe(tmp_path, {"backend": "fake", "activations": {"granularity": "per_token", "dynamic": True}},
+                          "compressed-tensors")
+    in_memory = quantsink.quantize(str(source), recipe, progress=False)
+    out = in_memory.save(tmp_path / "out")
+    check_compressed_tensors_folder(out, source, {"strategy": "token", "dynamic": True})
+
+    # the sentence encoder is built without BERT's pooler, which the config alone would add
+    hf = hf_class(out).from_pretrained(out, add_pooling_layer=False).eval()
+    _, holdout = holdout_inputs(in_memory.adapter)
+    with torch.no_grad():
+        # compressed-tensors' dynamic scale is absmax/127.5, quantsink's absmax/127
+        assert relative_error(hf(**holdout)[0], in_memory.model(**holdout)[0]) < 1e-2
+    assert torch.equal(load_adapter(out).embed(holdout), in_memory.adapter.embed(holdout))
+
+
+def test_compressed_tensors_asymmetric_groups_come_back_exactly(tiny_clip, tmp_path):
+    quantization = {"backend": "fake", "weights": {"bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 16},
+                    "activations": {"symmetric": False}}
+    recipe = write_recipe(tmp_path, quantization, "compressed-tensors")
+    out = tmp_path / "out"
+    in_memory = quantsink.quantize(str(tiny_clip), recipe, progress=False)
+    in_memory.save(out)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "naive-quantized"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        weight = f.get_tensor("vision_model.encoder.layers.0.mlp.fc1.weight")
+        zero_point = f.get_tensor("vision_model.encoder.layers.0.mlp.fc1.weight_zero_point")
+    assert weight.dtype == zero_point.dtype == torch.int8
+    assert weight.min() >= -8 and weight.max() <= 7  # compressed-tensors' signed 4-bit grid
+
+    hf = hf_class(out).from_pretrained(out).eval()
+    calibration, _ = holdout_inputs(in_memory.adapter)
+    with torch.no_grad():
+        assert torch.allclose(hf(**calibration)[0], in_memory.model(**calibration)[0], atol=1e-6)
+    assert torch.equal(load_adapter(out).embed(calibration), in_memory.adapter.embed(calibration))
+
+
+def test_compressed_tensors_needs_a_transformers_model(tmp_path, capsys):
+    source = tmp_path / "source"
+    save_model(build_tiny("open-clip"), source)
+    recipe = write_recipe(tmp_path, {"backend": "int8"}, "compressed-tensors")
+    assert cli.main(["quantize", str(source), str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "needs a transformers model" in message and "\n" not in message
+
+
+class KVScales:
+    """A stand-in for a KV-cache method: static per-tensor int8 scales for every layer."""
+
+    scheme = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+
+    def __init__(self, layers: int, scale: float):
+        self.tensors = {f"model.layers.{i}.self_attn.{kv}_scale": torch.tensor([scale]) for i in range(layers) for kv in "kv"}
+
+    def compressed_tensors_kv_cache(self, adapter):
+        return self.scheme, self.tensors
+
+
+def test_a_causal_lm_with_a_kv_scheme_loads_in_transformers(tmp_path):
+    """The writer is generic over transformers models: a tiny Llama, W8A8 static, with a KV
+    scheme handed in through the method hook."""
+    from quantsink.compressed_tensors_format import CompressedTensorsKVCache
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    tokens = torch.randint(0, 96, (3, 20))
+    settings = config(backend="int8", ignore=["re:lm_head"])
+    calibrated(model, Int8Quantizer(settings), tokens)
+    with torch.no_grad():
+        expected = model(tokens).logits
+    kv = KVScales(layers=2, scale=0.05)
+    assert isinstance(kv, CompressedTensorsKVCache)
+    save_compressed_tensors(model, settings, tmp_path, kv.compressed_tensors_kv_cache(None))
+
+    config_json = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config_json["kv_cache_scheme"].items() >= KVScales.scheme.items()
+    assert config_json["ignore"] == ["lm_head"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf.model.layers[1].self_attn.k_scale.item() == pytest.approx(0.05)
+    with torch.no_grad():
+        with_kv = hf(tokens).logits
+        for layer in hf.model.layers:
+            layer.self_attn.quantization_enabled = False
+        without_kv = hf(tokens).logits
+    assert torch.allclose(without_kv, expected, atol=1e-5)  # the W8A8 layers: quantsink's numbers
+    drift = ((with_kv - expected).norm() / expected.norm()).item()
+    assert 0 < drift < 0.2  # the KV scales are in effect
+
+
+def test_a_quantized_tied_output_projection_is_refused(tmp_path):
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, tie_word_embeddings=True)).eval()
+    settings = config(backend="int8")
+    calibrated(model, Int8Quantizer(settings), torch.randint(0, 96, (2, 8)))
+    with pytest.raises(UserError, match="quantization.ignore"):
+        save_compressed_tensors(model, settings, tmp_path)

@@ -1,0 +1,392 @@
+"""SinkQuantizedCache: exactness at 16 bits on five architectures, the quantization scheme
+(error vs bits, residual window, sinks kept exact and out of the ranges, outliers, pre-RoPE),
+left padding, accounting and the chunked log-likelihood protocol."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from quantsink.errors import UserError
+from quantsink.kvcache import (
+    KVQuantConfig,
+    SinkQuantizedCache,
+    SinkQuantizedLayer,
+    chunked_log_likelihood,
+    quantize_groups,
+)
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+ARCHITECTURES = {
+    "llama": (LlamaForCausalLM, LlamaConfig(**TINY, num_key_value_heads=2)),
+    "mistral": (MistralForCausalLM, MistralConfig(**TINY, num_key_value_heads=2)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**TINY, num_key_value_heads=2)),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16)),
+    "phi3": (Phi3ForCausalLM, Phi3Config(**TINY, num_key_value_heads=2, pad_token_id=0)),
+    "gpt_neox": (GPTNeoXForCausalLM, GPTNeoXConfig(**TINY)),
+}
+
+
+def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    model_class, config = ARCHITECTURES[name]
+    torch.manual_seed(seed)
+    model = model_class(config).eval().requires_grad_(False)
+    with torch.no_grad():  # sharper logits than the 0.02 init, so greedy decoding is not all ties
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.3)
+    return model
+
+
+def fill(layer: SinkQuantizedLayer, keys: torch.Tensor, values: torch.Tensor, chunk: int) -> None:
+    for start in range(0, keys.shape[-2], chunk):
+        layer.update(keys[..., start : start + chunk, :], values[..., start : start + chunk, :])
+
+
+def quantized_layer(**config) -> SinkQuantizedLayer:
+    cache = SinkQuantizedCache(KVQuantConfig(**config))
+    cache.update(torch.zeros(1, 1, 0, 8), torch.zeros(1, 1, 0, 8), 0)  # creates layer 0
+    cache.reset()
+    return cache.layers[0]
+
+
+def relative_error(approximation: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approximation - exact).norm() / exact.norm())
+
+
+# --- 16 bits is the default cache ---------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_16_bits_generates_exactly_the_default_cache_tokens(name):
+    model = tiny_model(name)
+    prompt = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    cache = SinkQuantizedCache(KVQuantConfig(bits=16, sink_strategy="pfn", num_sinks=2))
+    got = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, past_key_values=cache
+    )
+    assert torch.equal(got, expected)
+    assert len(set(got[:, 7:].reshape(-1).tolist())) > 3  # a real continuation, not one repeated token
+    assert cache.get_seq_length() == 7 + 12 - 1
+
+
+def test_quantized_cache_changes_generation_and_forward_logits():
+    model = tiny_model("llama")
+    prompt = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(2))
+    exact = model(prompt).logits
+    cache = SinkQuantizedCache(KVQuantConfig(bits=2, group_size=8, residual_length=0))
+    chunked = [model(prompt[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 40, 8)]
+    difference = (torch.cat(chunked, dim=1) - exact).abs()
+    assert float(difference[:, :8].max()) < 1e-5  # the first chunk reads nothing quantized
+    assert float(difference[:, 8:].mean()) > 1e-2
+
+
+# --- the scheme ---------------------------------------------------------------------------
+def test_error_decreases_with_bits_for_keys_and_values():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 2, 128, 16, generator=generator) * torch.linspace(0.2, 4, 16)  # channel outliers
+    values = torch.randn(2, 2, 128, 16, generator=generator)
+    errors = {}
+    for bits in (2, 3, 4, 8):
+        layer = quantized_layer(bits=bits, group_size=16, residual_length=0)
+        fill(layer, keys, values, chunk=32)
+        errors[bits] = (relative_error(layer.keys, keys), relative_error(layer.values, values))
+    for name, index in (("keys", 0), ("values", 1)):
+        ordered = [errors[bits][index] for bits in (2, 3, 4, 8)]
+        assert ordered == sorted(ordered, reverse=True), (name, ordered)
+        assert ordered[0] > 0.15 and ordered[-1] < 0.01, (name, ordered)
+
+
+def test_per_channel_keys_beat_per_token_on_channel_outliers():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 64, 16, generator=generator) + torch.linspace(-20, 20, 16)  # KIVI's case
+    errors = {}
+    for granularity in ("per_channel", "per_token"):
+        layer = quantized_layer(bits=2, group_size=16, residual_length=0, key_granularity=granularity)
+        fill(layer, keys, keys, chunk=16)
+        errors[granularity] = relative_error(layer.keys, keys)
+    assert errors["per_channel"] < errors["per_token"] / 3, errors
+
+
+def test_residual_window_and_incomplete_key_groups_stay_exact():
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 2, 50, 8, generator=generator), torch.randn(2, 2, 50, 8, generator=generator)
+    layer = quantized_layer(bits=2, group_size=8, residual_length=12)
+    fill(layer, keys, values, chunk=5)
+    # values: every token older than the last 12 is quantized, the last 12 are exact
+    assert torch.equal(layer.values[..., 38:, :], values[..., 38:, :])
+    assert bool((layer.values[..., :38, :] != values[..., :38, :]).any(dim=-1).all())
+    # keys: only whole groups of 8 that left the window: tokens 0-31
+    assert torch.equal(layer.keys[..., 32:, :], keys[..., 32:, :])
+    assert bool((layer.keys[..., :32, :] != keys[..., :32, :]).any(dim=-1).all())
+    assert layer.quantized_keys.tolist() == [32, 32] and layer.quantized_values.tolist() == [38, 38]
+
+
+def test_tokens_of_the_current_call_are_returned_exact():
+    keys = torch.randn(1, 1, 24, 8)
+    layer = quantized_layer(bits=2, group_size=8, residual_length=0)
+    returned, _ = layer.update(keys[..., :16, :], keys[..., :16, :])
+    assert torch.equal(returned, keys[..., :16, :])  # attention of the chunk to itself is exact
+    assert not torch.equal(layer.keys, keys[..., :16, :])  # but it is stored quantized
+    returned, _ = layer.update(keys[..., 16:, :], keys[..., 16:, :])
+    assert torch.equal(returned[..., 16:, :], keys[..., 16:, :])
+    assert not torch.equal(returned[..., :16, :], keys[..., :16, :])
+
+
+def sink_planted_keys(seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """Keys like an LLM's: ordinary tokens ~N(0, 1), sinks 100x larger in every channel."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, 64, 16, generator=generator)
+    sinks = [0, 13, 37]
+    keys[:, :, sinks] = 100 * torch.sign(torch.randn(1, 2, 1, 16, generator=generator)) + keys[:, :, sinks]
+    return keys, sinks
+
+
+def test_sinks_inflate_the_scales_they_share():
+    keys, sinks = sink_planted_keys()
+    first = keys[0, 0, :16].T  # per-channel groups over the first 16 tokens: sinks 0 and 13 in it
+    with_sink = quantize_groups(first, bits=4).scale
+    without_sink = quantize_groups(first[:, [t for t in range(16) if t not in sinks]], bits=4).scale
+    assert float((with_sink / without_sink).min()) > 10
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_token"])
+def test_sinks_stay_exact_and_out_of_every_range(granularity):
+    keys, sinks = sink_planted_keys()
+    ordinary = [t for t in range(64) if t not in sinks]
+    errors = {}
+    for strategy in ("none", "kvsink"):
+        config = KVQuantConfig(
+            bits=3, group_size=16, residual_length=0, key_granularity=granularity, sink_strategy=strategy, num_sinks=3
+        )
+        cache = SinkQuantizedCache(config)
+        if strategy == "kvsink":
+            cache.set_sink_positions([sinks])
+        for start in range(0, 64, 16):
+            cache.update(keys[..., start : start + 16, :], keys[..., start : start + 16, :], 0)
+        layer = cache.layers[0]
+        if strategy == "kvsink":
+            assert torch.equal(layer.keys[:, :, sinks], keys[:, :, sinks])
+            assert torch.equal(layer.values[:, :, sinks], keys[:, :, sinks])
+        errors[strategy] = relative_error(layer.keys[:, :, ordinary], keys[:, :, ordinary])
+    if granularity == "per_channel":  # sinks widen the ordinary tokens' ranges ~100x
+        assert errors["kvsink"] < errors["none"] / 10, errors
+    else:  # per-token ranges never mix tokens: only the sinks themselves change
+        assert errors["kvsink"] == pytest.approx(errors["none"])
+
+
+def test_kvsink_excludes_sinks_from_the_stream_so_groups_are_the_ordinary_tokens():
+    keys, sinks = sink_planted_keys()
+    cache = SinkQuantizedCache(KVQuantConfig(bits=4, group_size=16, residual_length=0, sink_strategy="kvsink", num_sinks=3))
+    cache.set_sink_positions([sinks])
+    cache.update(keys, keys, 0)
+    ordinary = [t for t in range(64) if t not in sinks]  # 61 tokens: 3 whole groups of 16 are quantized
+    assert cache.layers[0].quantized_keys.tolist() == [48]
+    first_group = keys[0, 0, ordinary[:16]].T
+    expected = quantize_groups(first_group, bits=4).values.T
+    assert torch.allclose(cache.layers[0].keys[0, 0, ordinary[:16]], expected)
+    assert torch.equal(cache.layers[0].keys[0, 0, ordinary[48:]], keys[0, 0, ordinary[48:]])
+
+
+def test_pfn_keeps_the_first_real_tokens_of_each_row():
+    keys = torch.randn(2, 1, 20, 8)
+    cache = SinkQuantizedCache(KVQuantConfig(bits=2, group_size=4, residual_length=0, sink_strategy="pfn", num_sinks=3))
+    cache.set_attention_mask(torch.tensor([[1] * 20, [0] * 5 + [1] * 15]))
+    cache.update(keys, keys, 0)
+    stored = cache.layers[0].keys
+    assert torch.equal(stored[0, :, :3], keys[0, :, :3]) and not torch.equal(stored[0, :, 3:7], keys[0, :, 3:7])
+    assert torch.equal(stored[1, :, :8], keys[1, :, :8])  # 5 padding + 3 sinks
+    assert not torch.equal(stored[1, :, 8:12], keys[1, :, 8:12])
+
+
+def test_outliers_are_kept_exact_and_out_of_the_range():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=generator)
+    x[torch.arange(64), torch.randint(0, 32, (64,), generator=generator)] = 50.0
+    plain = quantize_groups(x, bits=3)
+    sparse = quantize_groups(x, bits=3, outliers_per_group=1)
+    assert bool((sparse.values[x == 50.0] == 50.0).all())
+    assert int(sparse.outliers.sum()) == 64
+    assert relative_error(sparse.values, x) < relative_error(plain.values, x) / 5
+    config = KVQuantConfig(outlier_fraction=0.01)
+    assert config.outliers_per_group(32) == 1 and config.outliers_per_group(128) == 2
+
+
+def test_16_bits_ignores_every_other_option():
+    keys = torch.randn(1, 2, 30, 8)
+    layer = quantized_layer(bits=16, group_size=4, residual_length=0, outlier_fraction=0.1)
+    fill(layer, keys, keys, chunk=7)
+    assert torch.equal(layer.keys, keys) and torch.equal(layer.values, keys)
+
+
+# --- pre-RoPE keys ------------------------------------------------------------------------
+def test_pre_rope_quantizes_the_unrotated_keys():
+    model = tiny_model("llama")
+    rotary = model.model.rotary_emb
+    head_dim = 16
+    generator = torch.Generator().manual_seed(0)
+    # pre-RoPE keys with large constant channels (KVQuant's observation): per-channel ranges are
+    # tight before RoPE and wide after it, where the rotation spreads each channel over +-|k|
+    pre = torch.randn(1, 1, 64, head_dim, generator=generator) * 0.1 + torch.linspace(2, 6, head_dim)
+    positions = torch.arange(64).unsqueeze(0)
+    cos, sin = rotary(pre, positions)
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    post = pre * cos[:, None] + rotate_half(pre) * sin[:, None]
+    errors = {}
+    for pre_rope in (False, True):
+        config = KVQuantConfig(bits=3, group_size=16, residual_length=0, pre_rope=pre_rope)
+        cache = SinkQuantizedCache(config, rotary_embedding=rotary)
+        for start in range(0, 64, 16):
+            cache.update(post[..., start : start + 16, :], post[..., start : start + 16, :], 0)
+        errors[pre_rope] = relative_error(cache.layers[0].keys, post)
+        if pre_rope:
+            unrotated = cache.layers[0].keys * cos[:, None] - rotate_half(cache.layers[0].keys) * sin[:, None]
+            expected = quantize_groups(pre[0, 0].reshape(4, 16, head_dim).transpose(1, 2), bits=3).values
+            assert torch.allclose(unrotated[0, 0], expected.transpose(1, 2).reshape(64, head_dim), atol=1e-4)
+    assert errors[True] < errors[False] / 4, errors
+
+
+def test_pre_rope_needs_the_rotary_embedding():
+    with pytest.raises(UserError, match="rotary"):
+        SinkQuantizedCache(KVQuantConfig(pre_rope=True))
+
+
+# --- left padding -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "config",
+    [
+        KVQuantConfig(bits=16),
+        KVQuantConfig(bits=2, group_size=4, residual_length=3, sink_strategy="pfn", num_sinks=2),
+        KVQuantConfig(bits=3, group_size=4, residual_length=0, key_granularity="per_token", outlier_fraction=0.2),
+    ],
+    ids=["16bit", "2bit-pfn", "3bit-per-token"],
+)
+def test_left_padded_rows_generate_what_they_generate_alone(config):
+    model = tiny_model("llama", seed=3)
+    rows = [torch.randint(1, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (13, 9, 5)]
+    width = max(len(row) for row in rows)
+    input_ids = torch.stack([torch.cat([torch.zeros(width - len(row), dtype=torch.long), row]) for row in rows])
+    attention_mask = (torch.arange(width) >= width - torch.tensor([len(row) for row in rows])[:, None]).long()
+    cache = SinkQuantizedCache(config)
+    cache.set_attention_mask(attention_mask)
+    batch = model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False, past_key_values=cache, pad_token_id=0
+    )
+    for index, row in enumerate(rows):
+        alone = model.generate(
+            row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long), max_new_tokens=10,
+            do_sample=False, past_key_values=SinkQuantizedCache(config), pad_token_id=0,
+        )
+        assert torch.equal(batch[index, width:], alone[0, len(row):]), index
+
+
+def test_left_padded_rows_get_the_log_likelihoods_they_get_alone():
+    model = tiny_model("qwen2", seed=4)
+    config = KVQuantConfig(bits=2, group_size=4, residual_length=2, sink_strategy="kvsink", num_sinks=2)
+    long_row = torch.randint(1, 96, (20,), generator=torch.Generator().manual_seed(0))
+    short_row = long_row[5:]  # 5 padding columns: one whole chunk, so both rows see the same chunks
+    input_ids = torch.stack([long_row, torch.cat([torch.zeros(5, dtype=torch.long), short_row])])
+    mask = torch.stack([torch.ones(20, dtype=torch.long), (torch.arange(20) >= 5).long()])
+    cache = SinkQuantizedCache(config)
+    cache.set_sink_positions([[0, 11], [5 + 3, 5 + 9]])  # columns of the padded batch
+    batch = chunked_log_likelihood(model, input_ids, cache, chunk_size=5, attention_mask=mask)
+    alone = SinkQuantizedCache(config)
+    alone.set_sink_positions([[3, 9]])
+    single = chunked_log_likelihood(model, short_row[None], alone, chunk_size=5)
+    assert bool((batch[1, :5] == 0).all())  # padding, and the first real token (nothing predicts it)
+    assert torch.allclose(batch[1, 5:], single[0], atol=1e-4)
+    assert float((single[0] - chunked_log_likelihood(model, short_row[None], DynamicCache(), chunk_size=5)[0]).abs().max()) > 1e-2
+
+
+# --- accounting, protocol, errors ---------------------------------------------------------
+def test_memory_accounting_matches_packed_storage():
+    heads, head_dim, tokens = 2, 32, 100
+    config = KVQuantConfig(bits=4, group_size=32, residual_length=20, sink_strategy="pfn", num_sinks=4)
+    cache = SinkQuantizedCache(config)
+    for layer in range(2):
+        cache.update(torch.randn(1, heads, tokens, head_dim), torch.randn(1, heads, tokens, head_dim), layer)
+    memory = cache.memory()
+    # stream: tokens 4-99; leaving the window: 4-79 -> 76 values, 64 keys (2 groups of 32)
+    vector, layers = heads * head_dim, 2
+    assert cache.layers[0].quantized_values.tolist() == [76] and cache.layers[0].quantized_keys.tolist() == [64]
+    assert memory.codes == layers * (76 + 64) * vector * 4 // 8
+    assert memory.scales_and_offsets == layers * (76 * heads + 2 * vector) * 2 * 2
+    assert memory.full_precision == layers * (2 * tokens - 76 - 64) * vector * 2
+    assert memory.baseline == layers * 2 * tokens * vector * 2 and memory.tokens == tokens
+    assert memory.bytes_per_token == pytest.approx(memory.total / tokens)
+    assert cache.bytes_per_token() == memory.bytes_per_token
+    assert memory.compression == pytest.approx(memory.baseline / (memory.codes + memory.scales_and_offsets + memory.full_precision))
+
+
+def test_chunked_log_likelihood_of_the_default_cache_is_the_full_forward():
+    model = tiny_model("mistral")
+    input_ids = torch.randint(1, 96, (2, 37), generator=torch.Generator().manual_seed(5))
+    full = torch.log_softmax(model(input_ids).logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    chunked = chunked_log_likelihood(model, input_ids, DynamicCache(), chunk_size=8)
+    assert torch.allclose(chunked, full, atol=1e-5)
+    sixteen = chunked_log_likelihood(model, input_ids, SinkQuantizedCache(KVQuantConfig(bits=16)), chunk_size=8)
+    assert torch.equal(sixteen, chunked)
+
+
+def test_misuse_fails_with_one_line_fixes():
+    with pytest.raises(UserError, match="set_sink_positions"):
+        SinkQuantizedCache(KVQuantConfig(sink_strategy="kvsink")).update(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 0)
+    cache = SinkQuantizedCache(KVQuantConfig(bits=4, group_size=6))
+    with pytest.raises(UserError, match="divide head_dim"):
+        cache.update(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 0)
+    cache = SinkQuantizedCache(KVQuantConfig(sink_strategy="kvsink", num_sinks=2))
+    with pytest.raises(UserError, match="num_sinks"):
+        cache.set_sink_positions([[0, 1, 2]])
+    cache.set_sink_positions([[0, 5]])
+    cache.update(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 0)
+    with pytest.raises(UserError, match="before prefill"):
+        cache.set_sink_positions([[0]])
+    with pytest.raises(UserError, match="rows"):
+        other = SinkQuantizedCache(KVQuantConfig(bits=2))
+        other.set_attention_mask(torch.ones(3, 4))
+        other.update(torch.randn(2, 1, 4, 8), torch.randn(2, 1, 4, 8), 0)
+    with pytest.raises(NotImplementedError, match="crop"):
+        cache.crop(-1)
+    with pytest.raises(ValueError, match="num_sinks"):
+        KVQuantConfig(sink_strategy="pfn", num_sinks=0)
+    with pytest.raises(ValueError):
+        KVQuantConfig(bits=5)
+    with pytest.raises(UserError, match="empty cache"):
+        chunked_log_likelihood(tiny_model("llama"), torch.ones(1, 4, dtype=torch.long), cache)
+
+
+def test_beam_search_reorders_rows_and_their_state():
+    model = tiny_model("llama", seed=6)
+    prompt = torch.randint(1, 96, (1, 9), generator=torch.Generator().manual_seed(6))
+    beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, **beams)
+    assert torch.equal(model.generate(prompt, **beams, past_key_values=SinkQuantizedCache(KVQuantConfig(bits=16))), expected)
+    # a reorder mid-way leaves exactly the state of a cache fed the reordered rows from the start
+    keys = torch.randn(2, 1, 24, 8, generator=torch.Generator().manual_seed(7))
+    mask = torch.tensor([[1] * 24, [0] * 4 + [1] * 20])
+    config = KVQuantConfig(bits=2, group_size=4, residual_length=2, sink_strategy="pfn", num_sinks=1)
+    reordered = SinkQuantizedCache(config)
+    reordered.set_attention_mask(mask)
+    reordered.update(keys[..., :10, :], keys[..., :10, :], 0)
+    reordered.reorder_cache(torch.tensor([1, 0]))
+    reordered.update(keys.flip(0)[..., 10:, :], keys.flip(0)[..., 10:, :], 0)
+    direct = SinkQuantizedCache(config)
+    direct.set_attention_mask(mask.flip(0))
+    direct.update(keys.flip(0), keys.flip(0), 0)
+    assert torch.equal(reordered.layers[0].keys, direct.layers[0].keys)
+    assert torch.equal(reordered.layers[0].values, direct.layers[0].values)
+    assert not torch.equal(direct.layers[0].keys, keys.flip(0))

@@ -1,0 +1,214 @@
+"""RegCache: the adapter-level sequence edits on every vision family, and the method on the
+planted-sink CLIP fixture, end to end through the CLI."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantsink
+from quantsink import cli
+from quantsink.data import batched, load_samples
+from quantsink.errors import UserError
+from quantsink.evaluate import embed_batches, fidelity
+from quantsink.export import load_adapter
+from quantsink.methods.base import MethodContext
+from quantsink.methods.regcache import RegCache, RegCacheOptions, install
+from quantsink.models import resolve, save_model
+from quantsink.models.base import KVPrefix
+from quantsink.recipe import Recipe
+from quantsink.registry import QUANTIZERS
+from quantsink.testing.planted_clip import build_planted_clip, planted_sinks
+from quantsink.testing.tiny import TINY_FAMILIES, build_tiny
+
+VISION_FAMILIES = [family for family in TINY_FAMILIES if family != "hf-bert-text"]
+PLANTED_RECIPE = Path(__file__).parents[1] / "recipes" / "planted-clip-w8a8-regcache.yaml"
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_samples("bundled", "image", 4, 1, seed=0).calibration
+
+
+def prefix_everywhere(adapter, log_weight: float, scale: float) -> None:
+    """Two prefix entries per attention, with large keys and values: whatever attention they get shows."""
+    generator = torch.Generator().manual_seed(0)
+    for block in range(adapter.num_blocks):
+        heads, head_dim = 4, 16  # tiny models: width 64 in 4 heads
+        keys = torch.randn(heads, 2, head_dim, generator=generator) * scale
+        values = torch.randn(heads, 2, head_dim, generator=generator) * scale
+        adapter.set_kv_prefix(block, KVPrefix(keys, values, torch.full((2,), log_weight)))
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_sequence_edits_change_nothing_when_they_do_nothing(family, images):
+    adapter = build_tiny(family)
+    inputs = adapter.preprocess(images)
+    plain = adapter.embed(inputs)
+
+    # the search's cache: running from a block on its cached input is the model itself, bit for bit
+    cached = adapter.hidden_before(2, inputs)
+    assert torch.equal(adapter.run_from(2, cached, inputs), plain)
+    assert torch.equal(adapter.hidden_before(3, inputs, resume=(2, cached)), adapter.hidden_before(3, inputs))
+
+    # deleting zero tokens runs the deletion (top-0, gather) and changes nothing, bit for bit
+    deletion = adapter.delete_tokens_at(1, 0)
+    assert torch.equal(adapter.embed(inputs), plain)
+    assert deletion.kept.shape[1] == deletion.length
+    deletion.remove()
+
+    # registers whose attention weight is forced to zero (log weight -inf, i.e. masked) change
+    # nothing although their keys and values are huge; not bit for bit, because the kernel now sums
+    # over a longer key axis: the difference is float rounding, a few float32 ulps of the embedding
+    prefix_everywhere(adapter, log_weight=float("-inf"), scale=1e3)
+    masked = adapter.embed(inputs)
+    assert (masked - plain).abs().max() <= 2e-6 * plain.abs().max()
+    prefix_everywhere(adapter, log_weight=0.0, scale=1.0)  # the same path with weight: it does act
+    assert (adapter.embed(inputs) - plain).abs().max() > 1e-2 * plain.abs().max()
+    for block in range(adapter.num_blocks):
+        adapter.set_kv_prefix(block, None)
+    assert torch.equal(adapter.embed(inputs), plain)
+
+    # registers live outside the state_dict
+    assert not any("quantsink" in key for key in adapter.model.state_dict())
+
+
+@pytest.mark.parametrize("family", VISION_FAMILIES)
+def test_deletion_drops_the_largest_tokens_never_the_leading_ones(family, images):
+    adapter = build_tiny(family)
+    inputs = adapter.preprocess(images)
+    block = 1
+    entering = adapter.hidden_before(block, inputs)
+    seen = {}
+    deletion = adapter.delete_tokens_at(block, 3, refill="neighbours")
+    adapter.blocks()[block].register_forward_pre_hook(lambda _m, args: seen.__setitem__("input", args[0]))
+    adapter.blocks()[-1].register_forward_hook(lambda _m, _a, out: seen.__setitem__("output", out))
+    adapter.embed(inputs)
+    lead = adapter.num_prefix_tokens
+    batch, length, _ = entering.shape
+    assert seen["input"].shape[1] == length - 3 and seen["output"].shape[1] == length  # refilled
+    assert torch.equal(deletion.kept[:, :lead], torch.arange(lead).expand(batch, -1))
+    dropped = torch.ones(batch, length, dtype=torch.bool).scatter(1, deletion.kept, False)
+    norms = entering.abs().amax(-1)[:, lead:]
+    assert torch.equal(norms.topk(3, dim=-1).indices.sort().values + lead, dropped.nonzero()[:, 1].view(batch, 3))
+
+
+def test_siglip2_deletion_keeps_padding_and_the_pooling_mask_in_step(images):
+    adapter = build_tiny("hf-siglip2")
+    inputs = adapter.preprocess([image.resize((30, 70)) for image in images])  # 5x3 patches + 1 padding
+    assert (inputs["pixel_attention_mask"].sum(-1) < inputs["pixel_attention_mask"].shape[1]).all()
+    plain = adapter.embed(inputs)
+    deletion = adapter.delete_tokens_at(1, 0)
+    assert torch.equal(adapter.embed(inputs), plain)
+    deletion.remove()
+    deletion = adapter.delete_tokens_at(1, 4, refill="neighbours")
+    out = adapter.model(**inputs)
+    assert out.last_hidden_state.shape[1] == inputs["pixel_attention_mask"].shape[1]
+    padding = (inputs["pixel_attention_mask"] == 0).nonzero()
+    assert all(int(position) in deletion.kept[image].tolist() for image, position in padding)
+
+
+def test_options_are_validated_with_their_field():
+    for options, message in [
+        ({"num_registers": 0}, r"methods\.0\.regcache\.num_registers: expected 'auto' or an integer 1-15, got 0"),
+        ({"delete_tokens": 11}, r"methods\.0\.regcache\.delete_tokens: expected 'auto' or an integer 0-10"),
+        ({"refill": "both"}, r"methods\.0\.regcache\.refill: "),
+        ({"prefix_start": "early"}, r"methods\.0\.regcache\.prefix_start: expected 'auto' or an integer >= 0"),
+        ({"registers": 3}, r"methods\.0\.regcache\.registers: unknown field"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            Recipe.from_dict({"methods": [{"regcache": options}]})
+
+
+def test_text_models_are_refused():
+    adapter = build_tiny("hf-bert-text")
+    context = MethodContext(adapter, Recipe(), [], lambda: None, progress=False)
+    with pytest.raises(UserError, match="regcache applies to vision encoders"):
+        RegCache(RegCacheOptions()).apply(context)
+    with pytest.raises(UserError, match="cannot be deleted from a sentence encoder"):
+        adapter.delete_tokens_at(1, 2)
+
+
+# --- the planted-sink fixture, through the CLI with every hyperparameter searched ------------------
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """The CLI run of the planted recipe; the in-memory result is taken from the API call the CLI makes."""
+    folder = tmp_path_factory.mktemp("planted") / "planted-clip"
+    save_model(resolve(build_planted_clip(seed=0)), folder)
+    out = folder.parent / "out"
+    results = []
+    real_quantize = quantsink.api.quantize
+    patch = pytest.MonkeyPatch()
+    patch.setattr(quantsink.api, "quantize", lambda *args, **kwargs: results.append(real_quantize(*args, **kwargs)) or results[-1])
+    try:
+        assert cli.main(["quantize", str(folder), str(PLANTED_RECIPE), "-o", str(out), "--quiet"]) == 0
+    finally:
+        patch.undo()
+    recipe = Recipe.from_yaml(PLANTED_RECIPE)
+    settings = recipe.calibration
+    samples = load_samples(settings.data, "image", settings.num_samples, settings.holdout, settings.seed)
+    fp = resolve(str(folder))
+    holdout = [fp.preprocess(batch) for batch in batched(samples.holdout, settings.batch_size)]
+    calibration = [fp.preprocess(batch) for batch in batched(samples.calibration, settings.batch_size)]
+    return {"folder": folder, "out": out, "result": results[0], "recipe": recipe, "holdout": holdout,
+            "calibration": calibration, "reference": embed_batches(fp, holdout)}
+
+
+def quantized_holdout(planted, settings) -> torch.Tensor:
+    """Holdout embeddings of the planted model with `settings` of the searched RegCache installed
+    (None: none), then quantized as the pipeline does it: the recipe's backend, prepared after the
+    method, calibrated on the recipe's calibration set, frozen."""
+    adapter = resolve(str(planted["folder"]))
+    if settings is not None:
+        install(adapter, settings, planted["result"].methods[0].registers)
+    config = planted["recipe"].quantization
+    quantizer = QUANTIZERS.get(config.backend)(config)
+    quantizer.prepare(adapter.model)
+    with quantizer.calibrating(adapter.model):
+        embed_batches(adapter, planted["calibration"])
+    quantizer.freeze(adapter.model)
+    return embed_batches(adapter, planted["holdout"])
+
+
+def test_cli_search_reloads_exactly_and_reports_its_cost(planted):
+    result = planted["result"]
+    report = result.report["methods"]["regcache"]
+    assert report["sensitive_layer"] == planted_sinks(build_planted_clip(seed=0)).emergence_block
+    assert set(report["searched"]) == {"sensitive_layer", "prefix_start", "num_registers", "delete_tokens"}
+    # wall-clock cost is a benchmark figure (benchmarks/RESULTS.md), not a timed assertion:
+    # the report must carry it in calibration passes
+    assert report["cost"]["seconds"] > 0 and report["cost"]["reference_passes"] > 0
+    loaded = load_adapter(planted["out"])
+    assert not any("quantsink" in key for key in loaded.model.state_dict())
+    for inputs in planted["holdout"]:
+        assert torch.equal(loaded.embed(inputs), result.adapter.embed(inputs))
+
+
+def test_both_parts_beat_naive_and_either_part_alone_at_w8a8(planted):
+    settings = planted["result"].methods[0].settings
+    assert settings.delete_tokens > 0 and settings.num_registers > 0
+    cosine = lambda embeddings: fidelity(planted["reference"], embeddings)["cosine_mean"]
+    both = cosine(embed_batches(planted["result"].adapter, planted["holdout"]))
+    others = {
+        "naive": cosine(quantized_holdout(planted, None)),
+        "prefix-only": cosine(quantized_holdout(planted, dataclasses.replace(settings, delete_tokens=0))),
+        "delete-only": cosine(quantized_holdout(planted, dataclasses.replace(settings, num_registers=0))),
+    }
+    assert both > max(others.values()), (both, others)
+    assert 1 - both < 0.25 * (1 - max(others.values())), (both, others)
+
+
+def test_max_token_norm_at_the_sensitive_layer_drops_3x(planted):
+    """The sensitive layer is block l_q's fc2: its input is where the sinks' massive values sit."""
+    method = planted["result"].methods[0]
+    images = planted["holdout"][:2]
+    maxima = []
+    for with_regcache in (False, True):
+        adapter = resolve(str(planted["folder"]))
+        if with_regcache:
+            install(adapter, method.settings, method.registers)
+        largest = []
+        adapter.fc2(method.settings.sensitive_layer).register_forward_pre_hook(lambda _m, args: largest.append(args[0].abs().max()))
+        embed_batches(adapter, images)
+        maxima.append(max(largest).item())
+    assert maxima[0] > 3 * maxima[1], maxima
