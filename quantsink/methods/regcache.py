@@ -54,6 +54,7 @@ from quantsink.errors import CheckpointError, UserError
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter, KVPrefix, hidden_states_of
 from quantsink.quantizers.base import Quantizer, target_linears
+from quantsink.recipe import PositiveInt
 from quantsink.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,6 @@ def _auto_or_integer(low: int, high: int | None):
     return BeforeValidator(check)
 
 
-def _positive_integer(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a positive integer, got {value!r}")
-    return value
-
-
 class RegCacheOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -105,7 +100,7 @@ class RegCacheOptions(BaseModel):
     prefix_start: Annotated[Union[int, Literal["auto"]], _auto_or_integer(0, None)] = AUTO
     num_registers: Annotated[Union[int, Literal["auto"]], _auto_or_integer(REGISTER_LADDER[0], REGISTER_LADDER[-1])] = AUTO
     delete_tokens: Annotated[Union[int, Literal["auto"]], _auto_or_integer(DELETE_LADDER[0], DELETE_LADDER[-1])] = AUTO
-    candidate_top_k: Annotated[int, BeforeValidator(_positive_integer)] = 100
+    candidate_top_k: PositiveInt = 100
     refill: Literal["none", "neighbours"] = "none"
 
 
