@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from quantsink.errors import UserError
+from quantsink.errors import CheckpointError, UserError
 from quantsink.recipe import QuantizationConfig
 
 
@@ -49,6 +49,16 @@ def target_linears(model: nn.Module, config: QuantizationConfig) -> dict[str, nn
             "use a class name such as Linear or a 're:<regex>' on module names"
         )
     return chosen
+
+
+def module_to_restore(model: nn.Module, qualified_name: str) -> nn.Module:
+    """The module a checkpoint says was quantized, or a CheckpointError when the model lacks it."""
+    try:
+        return model.get_submodule(qualified_name)
+    except AttributeError:
+        raise CheckpointError(
+            f"the checkpoint quantizes module {qualified_name!r}, which the model lacks: re-export it"
+        ) from None
 
 
 def replace_module(model: nn.Module, qualified_name: str, replacement: nn.Module) -> None:

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from quantsink.errors import CheckpointError, UserError
-from quantsink.quantizers.base import Quantizer, replace_module, target_linears
+from quantsink.errors import UserError
+from quantsink.quantizers.base import Quantizer, replace_module, target_linears, module_to_restore
 from quantsink.quantizers.functional import fake_quantize, fake_quantize_along, qparams_from_range
 from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
 from quantsink.registry import OBSERVERS, QUANTIZERS
@@ -146,10 +146,7 @@ class FakeQuantizer(Quantizer):
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
         for name in state["modules"]:
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(f"the checkpoint quantizes module {name!r}, which the model lacks: re-export it") from None
+            linear = module_to_restore(model, name)
             module = self.module_class(linear.in_features, linear.out_features, linear.bias is not None,
                                        self.config.weights, self.config.activations)
             replace_module(model, name, module.to(linear.weight.device))

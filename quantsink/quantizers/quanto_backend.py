@@ -16,8 +16,8 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from quantsink.errors import CheckpointError, UserError
-from quantsink.quantizers.base import Quantizer, replace_module, target_linears
+from quantsink.errors import UserError
+from quantsink.quantizers.base import Quantizer, replace_module, target_linears, module_to_restore
 from quantsink.recipe import QuantizationConfig
 from quantsink.registry import QUANTIZERS
 
@@ -84,10 +84,7 @@ class QuantoQuantizer(Quantizer):
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
         for name in state["modules"]:
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(f"the checkpoint quantizes module {name!r}, which the model lacks: re-export it") from None
+            linear = module_to_restore(model, name)
             module = self.quantized_linear(linear)
             module.freeze()  # its state now has the frozen layout the checkpoint fills
             replace_module(model, name, module)

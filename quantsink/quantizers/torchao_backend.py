@@ -20,8 +20,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from quantsink.errors import CheckpointError, UserError
-from quantsink.quantizers.base import Quantizer, target_linears
+from quantsink.errors import UserError
+from quantsink.quantizers.base import Quantizer, target_linears, module_to_restore
 from quantsink.quantizers.functional import qparams_from_range
 from quantsink.recipe import QuantizationConfig
 from quantsink.registry import OBSERVERS, QUANTIZERS
@@ -139,10 +139,7 @@ class TorchAOQuantizer(Quantizer):
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
         for name, rank in state["modules"].items():
-            try:
-                linear = model.get_submodule(name)
-            except AttributeError:
-                raise CheckpointError(f"the checkpoint quantizes module {name!r}, which the model lacks: re-export it") from None
+            linear = module_to_restore(model, name)
             # placeholder scale of the saved rank; loading the checkpoint overwrites it
             scale = torch.ones((1,) * rank, device=linear.weight.device) if rank is not None else None
             apply_workflow(linear, self.workflow(scale))
