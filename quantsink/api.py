@@ -1,7 +1,10 @@
-"""The Python API: `quantize(model, recipe)` -> `QuantizationResult`, and `load(folder)`."""
+"""The Python API: `quantize(model, recipe)` -> `QuantizationResult`, `load(folder)`, and for
+causal LMs `kv_cache(model)` (a fresh cache as the recipe's kv_cache section says) and
+`evaluate_kv_cache(...)` (what `quantsink eval` prints)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -10,16 +13,25 @@ from typing import Any, Optional
 
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
 
-from quantsink import export
+from quantsink import export, io
 from quantsink.calibration import ActivationStats, StatisticsCollector
 from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
-from quantsink.evaluate import embed_batches, fidelity
+from quantsink.evaluate import compare_kv_caches, embed_batches, fidelity
+from quantsink.kvcache import (
+    SinkQuantizedCache,
+    attach_kv_cache_config,
+    build_kv_cache,
+    describe_kv_cache,
+    kv_cache_config_of,
+    require_kv_cache,
+)
 from quantsink.models import resolve
 from quantsink.models.base import Adapter
 from quantsink.quantizers.base import Quantizer
-from quantsink.recipe import Recipe
+from quantsink.recipe import KVCacheConfig, Recipe
 from quantsink.methods.base import Method, MethodContext
 from quantsink.registry import METHODS, QUANTIZERS
 
@@ -28,11 +40,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuantizationResult:
+    """`quantizer` and `stats` are None when the recipe quantizes only the KV cache."""
+
     adapter: Adapter
     recipe: Recipe
-    quantizer: Quantizer
+    quantizer: Optional[Quantizer]
     methods: list[Method]
-    stats: ActivationStats
+    stats: Optional[ActivationStats]
     report: dict[str, Any]
 
     @property
@@ -60,32 +74,21 @@ def quantize(
     if spec is None:
         raise UserError("no model given: pass MODEL or set 'model:' in the recipe")
     adapter = resolve(spec)
+    if recipe.kv_cache is not None:
+        require_kv_cache(adapter)
     settings = recipe.calibration
     samples = load_samples(settings.data, adapter.modality, settings.num_samples, settings.holdout, settings.seed, settings.seq_len)
-    holdout_inputs = [adapter.preprocess(batch) for batch in batched(samples.holdout, settings.batch_size)]
-    calibration_inputs = [adapter.preprocess(batch) for batch in batched(samples.calibration, settings.batch_size)]
-    reference = embed_batches(adapter, holdout_inputs)
+    holdout_inputs = preprocess_all(adapter, samples.holdout, settings.batch_size, settings.seq_len)
+    calibration_inputs = preprocess_all(adapter, samples.calibration, settings.batch_size, settings.seq_len)
+    reference = embed_batches(adapter, holdout_inputs) if recipe.quantization is not None else None
 
     def make_quantizer() -> Quantizer:
         return QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
 
     context = MethodContext(adapter, recipe, calibration_inputs, make_quantizer, progress)
-    methods = [METHODS.get(name)(METHODS.get(name).validate_options(options))
-               for entry in recipe.methods for name, options in entry.items()]
+    methods = [METHODS.get(name)(METHODS.get(name).validate_options(options)) for name, options in method_entries(recipe)]
     method_reports = {method.name: method.apply(context) for method in methods}
-
-    quantizer = make_quantizer()
-    targets = quantizer.prepare(adapter.model)
-    collector = StatisticsCollector(adapter, {name: adapter.model.get_submodule(name) for name in targets})
-    started = time.perf_counter()
-    with collector.attached(), quantizer.calibrating(adapter.model):
-        for inputs in tqdm(calibration_inputs, desc="calibrating", unit="batch", disable=not progress):
-            collector.run(inputs)
-    calibration_seconds = time.perf_counter() - started
-    quantizer.freeze(adapter.model)
-    stats = collector.result()
-
-    report = {
+    report: dict[str, Any] = {
         "model": adapter.source.spec,
         "family": adapter.source.family,
         "recipe": recipe.name,
@@ -93,15 +96,44 @@ def quantize(
             "data": samples.description,
             "calibration_samples": len(samples.calibration),
             "holdout_samples": len(samples.holdout),
-            "seconds": calibration_seconds,
         },
-        "quantized_modules": len(targets),
         "methods": method_reports,
-        "fidelity": fidelity(reference, embed_batches(adapter, holdout_inputs)),
-        "outliers": stats.summary(),
     }
-    log.info("holdout cosine %.4f (min %.4f)", report["fidelity"]["cosine_mean"], report["fidelity"]["cosine_min"])
+
+    quantizer, stats = None, None
+    if recipe.quantization is not None:
+        quantizer = make_quantizer()
+        targets = quantizer.prepare(adapter.model)
+        collector = StatisticsCollector(adapter, {name: adapter.model.get_submodule(name) for name in targets})
+        started = time.perf_counter()
+        with collector.attached(), quantizer.calibrating(adapter.model):
+            for inputs in tqdm(calibration_inputs, desc="calibrating", unit="batch", disable=not progress):
+                collector.run(inputs)
+        report["calibration"]["seconds"] = time.perf_counter() - started
+        quantizer.freeze(adapter.model)
+        stats = collector.result()
+        report["quantized_modules"] = len(targets)
+        report["fidelity"] = fidelity(reference, embed_batches(adapter, holdout_inputs))
+        report["outliers"] = stats.summary()
+        log.info("holdout cosine %.4f (min %.4f)", report["fidelity"]["cosine_mean"], report["fidelity"]["cosine_min"])
+    if recipe.kv_cache is not None:
+        attach_kv_cache_config(adapter.model, recipe.kv_cache)
+        report["kv_cache"] = kv_cache_fidelity(adapter, holdout_inputs, recipe.kv_cache, progress=progress)
     return QuantizationResult(adapter=adapter, recipe=recipe, quantizer=quantizer, methods=methods, stats=stats, report=report)
+
+
+def method_entries(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
+    """(name, options) of every method the recipe asks for: its `methods` list, then the sink
+    predictor its kv_cache section names."""
+    entries = [(name, options) for entry in recipe.methods for name, options in entry.items()]
+    sinks = recipe.kv_cache.sinks if recipe.kv_cache is not None else None
+    if sinks is not None and sinks.method == "kvsink":
+        entries.append(("kvsink", sinks.profile or {}))
+    return entries
+
+
+def preprocess_all(adapter: Adapter, samples: list[Any], batch_size: int, max_length: Optional[int]) -> list[dict[str, Any]]:
+    return [adapter.preprocess(batch, max_length=max_length) for batch in batched(samples, batch_size)]
 
 
 def with_overrides(recipe: Recipe, data: Optional[str], num_samples: Optional[int], seed: Optional[int]) -> Recipe:
@@ -112,3 +144,73 @@ def with_overrides(recipe: Recipe, data: Optional[str], num_samples: Optional[in
 
 
 load = export.load
+
+
+def kv_cache(model: nn.Module | QuantizationResult) -> Cache:
+    """A fresh, empty KV cache for `model` (from `quantsink.load(OUT)` or `quantize(...)`) as its
+    recipe's kv_cache section says; pass it as `past_key_values` to `generate` or a forward call."""
+    module = model.model if isinstance(model, QuantizationResult) else model
+    return build_kv_cache(kv_cache_config_of(module), resolve(module))
+
+
+def kv_cache_fidelity(
+    adapter: Adapter, batches: list[dict[str, Any]], config: KVCacheConfig, chunk_size: int = 16, progress: bool = True
+) -> dict[str, Any]:
+    """Perplexity with the full-precision cache and with the quantized one, and the per-token KL
+    between their next-token distributions, over `batches` fed through both caches in chunks of
+    `chunk_size` tokens; plus what the quantized cache costs per token."""
+    totals = {"reference": 0.0, "quantized": 0.0, "kl": 0.0, "tokens": 0}
+    memory = []
+    for inputs in tqdm(batches, desc="kv cache eval", unit="batch", disable=not progress):
+        cache = build_kv_cache(config, adapter)
+        comparison = compare_kv_caches(adapter.model, inputs["input_ids"], cache, chunk_size, inputs.get("attention_mask"))
+        totals["reference"] += math.log(comparison.perplexity_reference) * comparison.tokens
+        totals["quantized"] += math.log(comparison.perplexity_quantized) * comparison.tokens
+        totals["kl"] += comparison.kl_mean * comparison.tokens
+        totals["tokens"] += comparison.tokens
+        if isinstance(cache, SinkQuantizedCache):
+            memory.append(cache.memory())
+    tokens = max(totals["tokens"], 1)
+    stored = sum(part.total for part in memory)
+    baseline = sum(part.baseline for part in memory)
+    cached_tokens = sum(part.tokens for part in memory)
+    return {
+        "scheme": describe_kv_cache(config),
+        "chunk_size": chunk_size,
+        "tokens": totals["tokens"],
+        "perplexity_reference": math.exp(totals["reference"] / tokens),
+        "perplexity_quantized": math.exp(totals["quantized"] / tokens),
+        "kl_mean": totals["kl"] / tokens,
+        "bytes_per_token": stored / cached_tokens if cached_tokens else float("nan"),
+        "compression": baseline / stored if stored else float("nan"),
+    }
+
+
+def evaluate_kv_cache(
+    folder: str | os.PathLike,
+    text: Optional[str] = None,
+    chunk_size: int = 16,
+    num_samples: Optional[int] = None,
+    progress: bool = True,
+    write: bool = False,
+) -> dict[str, Any]:
+    """`quantsink eval OUT`: the KV-cache fidelity of a folder quantsink wrote, on `text` (a file
+    or folder; by default the held-out part of the recipe's calibration data). `write` also saves
+    it as OUT/eval.json."""
+    folder = Path(folder)
+    adapter = export.load_adapter(folder)
+    config = kv_cache_config_of(adapter.model)
+    recipe = Recipe.from_dict(io.read_manifest(folder)["recipe"], origin=str(folder / io.MANIFEST))
+    settings = recipe.calibration
+    if text is None:
+        count = num_samples or settings.holdout
+        samples = load_samples(settings.data, "text", settings.num_samples, count, settings.seed, settings.seq_len).holdout
+        source = f"{settings.data} (held out from calibration)"
+    else:
+        samples = load_samples(text, "text", num_samples or settings.holdout, 0, settings.seed, settings.seq_len).calibration
+        source = text
+    batches = preprocess_all(adapter, samples, settings.batch_size, settings.seq_len)
+    result = {"text": source, "samples": len(samples), **kv_cache_fidelity(adapter, batches, config, chunk_size, progress)}
+    if write:
+        io.write_json_atomically(folder / "eval.json", result)
+    return result

@@ -19,7 +19,8 @@ from quantsink.models.base import Adapter, hidden_states_of
 @dataclass
 class ActivationStats:
     block_names: list[str]
-    # [block][sample] -> l_inf norm of each real token of that sample at the block's output
+    # [block][sample] -> l_inf norm of each real token of that sample at the block's output (after
+    # a token deletion: of the tokens it kept)
     token_linf: list[list[torch.Tensor]]
     # [block] -> absmax of each hidden channel over every real token
     channel_absmax: list[torch.Tensor]
@@ -70,7 +71,10 @@ class StatisticsCollector:
                     "check the model's weights and inputs, or run it in float32"
                 )
             token_linf = hidden.abs().amax(dim=-1)  # (batch, tokens)
-            mask = self._mask if self._mask is not None else torch.ones_like(token_linf, dtype=torch.bool)
+            if self._mask is None:
+                mask = torch.ones_like(token_linf, dtype=torch.bool)
+            else:  # a token deletion shortens the sequence from its block on
+                mask = self.adapter.block_output_tokens(block, self._mask)
             self._token_linf[block].extend(row[keep] for row, keep in zip(token_linf, mask))
             channel_absmax = hidden[mask].abs().amax(dim=0)
             previous = self._channel_absmax[block]

@@ -1,4 +1,5 @@
-"""`quantsink quantize MODEL RECIPE`, `quantsink models`. User errors print one line and exit 2."""
+"""`quantsink quantize MODEL RECIPE`, `quantsink eval OUT`, `quantsink models`. User errors print
+one line and exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--seed", type=int, metavar="S", help="sampling seed (overrides the recipe)")
     add_verbosity(quantize)
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity and KL of a causal LM with its quantized KV cache vs full precision",
+        description="Chunked prefill of held-out text through the full-precision cache and through the folder's "
+                    "quantized KV cache; print and write OUT/eval.json.",
+    )
+    evaluate.add_argument("folder", metavar="OUT", type=Path, help="a folder 'quantsink quantize' wrote with a kv_cache recipe")
+    evaluate.add_argument("--text", metavar="FILE",
+                          help="text file or folder to evaluate on (default: the held-out part of the recipe's calibration data)")
+    evaluate.add_argument("--chunk-size", type=int, default=16, metavar="N",
+                          help="tokens per prefill chunk; each token sees the earlier chunks through the quantized cache (default 16)")
+    evaluate.add_argument("--num-samples", type=int, metavar="N", help="text segments to evaluate (default: the recipe's holdout count)")
+    add_verbosity(evaluate)
+
     models = commands.add_parser("models", help="list the short model names and their sources",
                                  description="List the short model names, the sources they map to and their families.")
     add_verbosity(models)
@@ -59,18 +74,48 @@ def run_quantize(args: argparse.Namespace) -> None:
 
 
 def format_summary(report: dict, output: Path) -> str:
-    fidelity = report["fidelity"]
     calibration = report["calibration"]
-    worst = max(report["outliers"], key=lambda block: block["max_over_median"])
-    return "\n".join([
-        f"model      {report['model']} ({report['family']}), recipe {report['recipe']}",
-        f"data       {calibration['data']}; calibration pass {calibration['seconds']:.1f} s",
-        f"quantized  {report['quantized_modules']} modules",
-        f"fidelity   cosine mean {fidelity['cosine_mean']:.4f}, min {fidelity['cosine_min']:.4f}, "
-        f"relative L2 {fidelity['relative_l2']:.4f} on {fidelity['samples']} holdout samples",
-        f"outliers   largest max/median token norm {worst['max_over_median']:.1f}x at {worst['block']}",
-        f"written    {output}",
-    ])
+    lines = [f"model      {report['model']} ({report['family']}), recipe {report['recipe']}"]
+    if "fidelity" in report:
+        fidelity = report["fidelity"]
+        worst = max(report["outliers"], key=lambda block: block["max_over_median"])
+        lines += [
+            f"data       {calibration['data']}; calibration pass {calibration['seconds']:.1f} s",
+            f"quantized  {report['quantized_modules']} modules",
+            f"fidelity   cosine mean {fidelity['cosine_mean']:.4f}, min {fidelity['cosine_min']:.4f}, "
+            f"relative L2 {fidelity['relative_l2']:.4f} on {fidelity['samples']} holdout samples",
+            f"outliers   largest max/median token norm {worst['max_over_median']:.1f}x at {worst['block']}",
+        ]
+    else:
+        lines.append(f"data       {calibration['data']}")
+    if "kvsink" in report["methods"]:
+        profile = report["methods"]["kvsink"]
+        lines.append(
+            f"kvsink     outlier channel {profile['channels'][0]} emerges at block {profile['emergence_layer']} "
+            f"({profile['peak'] / profile['scale']:.0f}x a typical token's RMS)"
+        )
+    if "kv_cache" in report:
+        lines += format_kv_lines(report["kv_cache"])
+    lines.append(f"written    {output}")
+    return "\n".join(lines)
+
+
+def format_kv_lines(kv: dict) -> list[str]:
+    return [
+        f"kv cache   {kv['scheme']}",
+        f"perplexity full precision {kv['perplexity_reference']:.3f}, quantized cache {kv['perplexity_quantized']:.3f} "
+        f"({kv['tokens']} tokens, chunks of {kv['chunk_size']})",
+        f"KL         {kv['kl_mean']:.5f} nats per token; {kv['bytes_per_token']:.0f} bytes per token "
+        f"({kv['compression']:.2f}x smaller than fp16)",
+    ]
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from quantsink.api import evaluate_kv_cache
+
+    result = evaluate_kv_cache(args.folder, text=args.text, chunk_size=args.chunk_size,
+                               num_samples=args.num_samples, progress=not args.quiet, write=True)
+    print("\n".join([f"model      {args.folder}", *format_kv_lines(result), f"written    {args.folder / 'eval.json'}"]))
 
 
 def run_models(_args: argparse.Namespace) -> None:
@@ -86,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        {"quantize": run_quantize, "models": run_models}[args.command](args)
+        {"quantize": run_quantize, "eval": run_eval, "models": run_models}[args.command](args)
     except UserError as error:
         print(f"quantsink: error: {error}", file=sys.stderr)
         return 2

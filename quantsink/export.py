@@ -19,7 +19,8 @@ from quantsink.errors import CheckpointError, UserError
 from quantsink.models import rebuild
 from quantsink.models.base import Adapter, ModelSource
 from quantsink.quantizers.int8 import int8_export, int8_incompatibility
-from quantsink.recipe import QuantizationConfig, describe_validation_error
+from quantsink.kvcache import attach_kv_cache_config
+from quantsink.recipe import KVCacheConfig, QuantizationConfig, describe_validation_error
 from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
 
 if TYPE_CHECKING:
@@ -81,6 +82,11 @@ EXPORT_FORMATS.register("int8")(Int8Export())
 def save(result: "QuantizationResult", destination: str | Path) -> Path:
     destination = Path(destination)
     export_format = result.recipe.export.format
+    if result.quantizer is None and export_format != "fake-quant":
+        raise UserError(
+            f"export.format {export_format} packs quantized weights, and the recipe quantizes only the KV cache: "
+            "use export.format fake-quant (the weights stay as they are) or add a quantization section"
+        )
     with io.atomic_output_dir(destination) as staging:
         format_details = EXPORT_FORMATS.get(export_format).write(result, staging)
         result.adapter.save_assets(staging)
@@ -99,7 +105,7 @@ def save(result: "QuantizationResult", destination: str | Path) -> Path:
                 "source": result.adapter.source.to_dict(),
                 "recipe": result.recipe.to_dict(),
                 "methods": method_states,
-                "quantization": {
+                "quantization": None if result.quantizer is None else {
                     "backend": result.recipe.quantization.backend,
                     "config": result.recipe.quantization.model_dump(mode="json"),
                     "state": result.quantizer.state(result.model),
@@ -129,6 +135,12 @@ def load_adapter(folder: str | Path) -> Adapter:
     except UserError as error:
         raise CheckpointError(f"{folder / io.MANIFEST}: {error}") from None
     restore_methods(adapter, manifest.get("methods", []), folder)
+    kv_section = (manifest.get("recipe") or {}).get("kv_cache")
+    if kv_section is not None:
+        try:
+            attach_kv_cache_config(adapter.model, KVCacheConfig.model_validate(kv_section))
+        except ValidationError as error:
+            raise CheckpointError(f"{folder / io.MANIFEST}: recipe.kv_cache.{describe_validation_error(error)}; re-export the folder") from None
     try:
         if quantization is not None:
             config = QuantizationConfig.model_validate(quantization["config"])

@@ -44,6 +44,13 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write beside `path`, then rename over it: a reader never sees half a file."""
+    staging = path.with_name(f".{path.name}.partial")
+    write_json(staging, data)
+    os.replace(staging, path)
+
+
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():

@@ -4,8 +4,7 @@ way while keeping attention-sink tokens in full precision (KVSink, arXiv 2508.04
     from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache
     cache = SinkQuantizedCache(KVQuantConfig(bits=2, sink_strategy="kvsink", num_sinks=5))
     cache.set_attention_mask(inputs["attention_mask"])   # left padding: never in any range
-    cache.set_sink_positions(positions)                  # kvsink: per row, before prefill
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, past_key_values=cache)      # kvsink: a hook calls cache.offer_sinks
 
 Scheme (every choice below is what the numbers of real packed storage would be; the cache keeps
 the dequantized values so that attention reads exactly what packed storage would give back):
@@ -31,9 +30,17 @@ the dequantized values so that attention reads exactly what packed storage would
   (what `generate` uses with left padding); a plain forward with other position ids still gets
   a valid quantization, only in a different rotated frame.
 * Sinks: `none`; `pfn` keeps the first `num_sinks` real tokens of each row (after any left
-  padding; StreamingLLM, KVQuant's first-token fp16); `kvsink` keeps the positions handed in
-  per row by `set_sink_positions` (found at prefill by the profiler: top-k of |h| in the stable
-  outlier channel at the emergence layer).
+  padding; StreamingLLM, KVQuant's first-token fp16); `kvsink` keeps predicted tokens, decided
+  in one of two ways:
+  - streaming (`offer_sinks`): a hook on the emergence layer l_E (quantsink.methods.kvsink)
+    scores every token of each forward call, and each row keeps the best-scoring offered tokens
+    while it has fewer than `num_sinks` sinks, so a prompt prefilled at once gets its top-k and
+    a later massive token (a generated ".") still becomes a sink while budget is left. An offered
+    token is decided for good. A token is never quantized before it is decided: the layers
+    updated before the hook (blocks <= l_E) keep the forward's tokens in full precision until
+    `offer_sinks` stores them, layers after l_E store them at their own update;
+  - explicit (`set_sink_positions`, before prefill): every position is decided at once, and
+    offered scores are ignored.
 * Tokens a forward call adds are returned to attention in full precision (the current chunk
   attends to itself exactly, as in KIVI's prefill); earlier tokens are read back as stored.
 
@@ -47,7 +54,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Annotated, Callable, Literal, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Annotated, Callable, Literal, NamedTuple, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -56,7 +63,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
 from quantsink.errors import UserError
+from quantsink.models.base import Adapter
 from quantsink.quantizers.functional import fake_quantize, qparams_from_range
+from quantsink.registry import KV_CACHE_BACKENDS
+
+if TYPE_CHECKING:
+    from quantsink.recipe import KVCacheConfig
 
 # Storage cost of what is kept in full precision, and of each outlier's position in its group.
 FP16_BYTES = 2
@@ -163,6 +175,17 @@ class _Rows:
         self.config = config
         self.attention_mask: Optional[torch.Tensor] = None
         self.sink_positions: Optional[torch.Tensor] = None  # (batch, k), -1 where a row has fewer
+        self.explicit_sinks = False  # set_sink_positions decided every position at once
+        self.decided = 0  # streaming kvsink: the leading cache columns whose sink status is final
+
+    @property
+    def streams_sinks(self) -> bool:
+        """kvsink fed by `offer_sinks`: tokens wait, unquantized, for their sink decision."""
+        return self.config.sink_strategy == "kvsink" and not self.explicit_sinks
+
+    def decided_length(self, length: int) -> int:
+        """How many leading columns of a `length`-column layer may be stored quantized."""
+        return min(self.decided, length) if self.streams_sinks else length
 
     def check_batch(self, batch: int) -> None:
         for name, tensor in (("attention mask", self.attention_mask), ("sink positions", self.sink_positions)):
@@ -171,10 +194,14 @@ class _Rows:
                     f"the cache was given {name} for {tensor.shape[0]} rows but the model runs {batch}: "
                     "set them for the batch the model sees (beam search and num_return_sequences repeat each row)"
                 )
-        if self.config.sink_strategy == "kvsink" and self.sink_positions is None:
+
+    def check_decided(self, cached: int) -> None:
+        """A forward call must not start while an earlier one's tokens still wait for offer_sinks."""
+        if self.streams_sinks and cached > self.decided:
             raise UserError(
-                "sink_strategy 'kvsink' needs the sink positions of every row before prefill: "
-                "call cache.set_sink_positions(...) first, or use sink_strategy 'pfn'"
+                f"sink_strategy 'kvsink': {cached - self.decided} cached tokens of an earlier forward call were never "
+                "offered as sinks (no kvsink hook ran): build the cache with quantsink.kv_cache(model) for a model "
+                "loaded with quantsink.load, or call set_sink_positions before prefill"
             )
 
     def real(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -190,7 +217,7 @@ class _Rows:
         if self.config.sink_strategy == "pfn":
             return real & (real.cumsum(-1) <= self.config.num_sinks)
         sinks = torch.zeros_like(real)
-        if self.config.sink_strategy == "kvsink":
+        if self.config.sink_strategy == "kvsink" and self.sink_positions is not None:
             positions = self.sink_positions.to(real.device)
             inside = (positions >= 0) & (positions < real.shape[1])
             rows = torch.arange(real.shape[0], device=real.device).unsqueeze(1).expand_as(positions)
@@ -231,10 +258,17 @@ class SinkQuantizedLayer(DynamicLayer):
             self.rows.check_batch(key_states.shape[0])
             counts = torch.zeros(key_states.shape[0], dtype=torch.long, device=key_states.device)
             self.quantized_keys, self.quantized_values = counts, counts.clone()
+        self.rows.check_decided(self.get_seq_length())
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         self.keys, self.values = self._store(keys, values) if self.config.quantizes else (keys, values)
         return keys, values
+
+    def store_decided(self) -> None:
+        """Quantize what became storable when `offer_sinks` decided this layer's newest tokens.
+        `_store` clones before writing, so the states attention already got stay exact."""
+        if self.is_initialized and self.config.quantizes:
+            self.keys, self.values = self._store(self.keys, self.values)
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize the stream tokens that left the residual window since the last call."""
@@ -244,6 +278,8 @@ class SinkQuantizedLayer(DynamicLayer):
         stream = real & ~self.rows.sinks(real)
         real_index = real.cumsum(-1) - 1
         leaving = stream & (real_index < real.sum(-1, keepdim=True) - config.residual_length)
+        # undecided tokens are the newest columns, so what leaves stays a prefix of each row's stream
+        leaving[:, self.rows.decided_length(length) :] = False
         stream_index = stream.cumsum(-1) - 1
         done = leaving.sum(-1)
         group = min(config.group_size, head_dim)
@@ -361,8 +397,10 @@ def _requantize(states: torch.Tensor, select: torch.Tensor, quantizer: Callable[
 class SinkQuantizedCache(Cache):
     """A transformers `Cache` for `generate(past_key_values=cache)` and plain forward calls.
 
-    Call `set_attention_mask` with the prompt's mask when rows are padded, and, for the `kvsink`
-    strategy, `set_sink_positions` before prefill. `rotary_embedding` (the model's rotary
+    Call `set_attention_mask` with the prompt's mask when rows are padded. The `kvsink` strategy
+    needs its sinks from a hook that calls `offer_sinks` in every forward call (what
+    `quantsink.kv_cache(model)` gets for a model from `quantsink.load`), or from
+    `set_sink_positions` before prefill. `rotary_embedding` (the model's rotary
     module, called as `rotary_embedding(x, position_ids) -> (cos, sin)`) is needed for
     `pre_rope` only. One cache serves one batch of sequences; `reset` empties it for reuse.
     """
@@ -403,6 +441,47 @@ class SinkQuantizedCache(Cache):
         if bool((positions < -1).any()):
             raise UserError("sink positions are column indices >= 0 (-1 pads shorter rows)")
         self.rows.sink_positions = positions
+        self.rows.explicit_sinks = True
+
+    def offer_sinks(self, scores: torch.Tensor) -> None:
+        """Decide the sink status of the tokens this forward call cached so far, for the `kvsink`
+        strategy: `scores` (batch, new) ranks the last `new` cached columns, -inf (or NaN) for
+        "never a sink"; padding never is one. Each row keeps the best-scoring offered tokens while
+        it has fewer than `num_sinks` sinks (ties: the earlier token), and every offered token is
+        decided for good: the layers already updated in this call store now what may be stored.
+        Called by the kvsink hook on the emergence layer, so `new` is the whole call's tokens and
+        layer 0's length says where they are. Ignored for other strategies and after
+        `set_sink_positions`."""
+        if not self.rows.streams_sinks:
+            return
+        if scores.dim() != 2:
+            raise UserError(f"offer_sinks takes (batch, new) scores, got shape {tuple(scores.shape)}")
+        length = self.get_seq_length()
+        batch, new = scores.shape
+        if new != length - self.rows.decided:
+            raise UserError(
+                f"offer_sinks got scores for {new} tokens but {length - self.rows.decided} cached tokens wait for a "
+                "decision: score every token of the forward call, once, after its block updated the cache"
+            )
+        self.rows.check_batch(batch)
+        device = scores.device
+        if self.rows.sink_positions is None:
+            self.rows.sink_positions = torch.full((batch, self.config.num_sinks), -1, dtype=torch.long, device=device)
+        positions = self.rows.sink_positions
+        kept = (positions >= 0).sum(-1, keepdim=True).to(device)
+        eligible = self.rows.real(batch, length, device)[:, length - new :] & (scores.float() > -math.inf)
+        order = scores.float().masked_fill(~eligible, -math.inf).sort(dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(new, device=device).expand(batch, new))
+        chosen = eligible & (rank < self.config.num_sinks - kept)
+        # new sinks fill each row's free slots, in column order after the sinks it already has
+        slot = kept + chosen.cumsum(-1) - 1
+        rows, columns = chosen.nonzero(as_tuple=True)
+        at = positions.device
+        positions[rows.to(at), slot[rows, columns].to(at)] = (columns + length - new).to(at)
+        self.rows.decided = length
+        for layer in self.layers:
+            if layer.get_seq_length() == length:
+                layer.store_decided()
 
     def memory(self) -> KVMemory:
         """Packed-storage accounting over all layers (see `KVMemory`)."""
@@ -423,6 +502,7 @@ class SinkQuantizedCache(Cache):
         """Empty every layer and forget the attention mask and sink positions."""
         super().reset()
         self.rows.attention_mask = self.rows.sink_positions = None
+        self.rows.explicit_sinks, self.rows.decided = False, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.rows.take(beam_idx)
@@ -437,42 +517,142 @@ class SinkQuantizedCache(Cache):
         super().batch_repeat_interleave(repeats)
 
 
-@torch.no_grad()
-def chunked_log_likelihood(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    cache: Cache,
-    chunk_size: int = 16,
-    attention_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Log-probability of every token given the tokens before it, (batch, length - 1), with the
-    sequence fed through `cache` in chunks of `chunk_size` tokens: each chunk attends to itself
-    in full precision and to every earlier chunk as the cache stores it, so quantization error in
-    the cache shows up in the predictions (the chunked-prefill protocol). Position ids are each
-    row's real-token index, as in `generate`. Entries whose target or predicting token is padding
-    (so also each left-padded row's first real token) are 0. `cache` must be empty; a
-    `SinkQuantizedCache` gets `attention_mask` through `set_attention_mask`."""
-    if chunk_size < 1:
-        raise UserError(f"chunk_size must be positive, got {chunk_size}")
-    if cache.get_seq_length() > 0:
-        raise UserError("chunked_log_likelihood needs an empty cache: pass a new one or call cache.reset()")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if isinstance(cache, SinkQuantizedCache):
-        cache.set_attention_mask(attention_mask)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    picked = []
-    for start in range(0, input_ids.shape[1], chunk_size):
-        end = start + chunk_size
-        logits = model(
-            input_ids=input_ids[:, start:end],
-            attention_mask=attention_mask[:, :end],
-            position_ids=position_ids[:, start:end],
-            past_key_values=cache,
-            use_cache=True,
-        ).logits
-        targets = input_ids[:, start + 1 : end + 1]  # the last position has nothing to predict
-        log_probs = torch.log_softmax(logits[:, : targets.shape[1]].float(), dim=-1)
-        picked.append(log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
-    real = attention_mask.bool()
-    return torch.cat(picked, dim=1).masked_fill(~(real[:, 1:] & real[:, :-1]), 0.0)
+
+# --- what a recipe's kv_cache section builds ----------------------------------------------
+# A loaded or freshly quantized model carries its recipe's kv_cache section here (a plain
+# attribute: never in the state_dict), so `quantsink.kv_cache(model)` can build its cache.
+KV_CACHE_ATTRIBUTE = "quantsink_kv_cache"
+MASK_HOOK_ATTRIBUTE = "quantsink_kv_mask_hook"
+
+
+class KVCacheBackend:
+    """A KV-cache implementation a recipe names in `kv_cache.backend`: which bit widths and
+    options it supports, and how it builds an empty cache for a model."""
+
+    bits: tuple[int, ...]
+
+    def incompatibility(self, config: "KVCacheConfig") -> Optional[str]:
+        """Why this backend cannot run `config` (one line with the fix), or None."""
+        if config.bits not in self.bits:
+            supported = ", ".join(str(bits) for bits in self.bits)
+            return f"bits {config.bits}: the {self.name} KV cache stores {supported} bits; pick one of those"
+        return None
+
+    @property
+    def name(self) -> str:
+        return next(name for name, backend in KV_CACHE_BACKENDS.items() if backend is self)
+
+    def build(self, config: "KVCacheConfig", adapter: Adapter) -> Cache:
+        raise NotImplementedError
+
+
+class QuantsinkKVCacheBackend(KVCacheBackend):
+    """`SinkQuantizedCache`: every option of the kv_cache section, sinks included."""
+
+    bits = (2, 3, 4, 8, 16)
+
+    @staticmethod
+    def quant_config(config: "KVCacheConfig") -> KVQuantConfig:
+        return KVQuantConfig(
+            bits=config.bits,
+            key_granularity=config.keys.granularity,
+            group_size=config.group_size,
+            residual_length=config.residual_length,
+            outlier_fraction=config.outlier_fraction,
+            pre_rope=config.keys.pre_rope,
+            sink_strategy=config.sinks.method,
+            num_sinks=config.sinks.num_sinks,
+        )
+
+    def build(self, config: "KVCacheConfig", adapter: Adapter) -> Cache:
+        quant_config = self.quant_config(config)
+        rotary = adapter.rotary_embedding() if quant_config.pre_rope else None
+        return SinkQuantizedCache(quant_config, rotary_embedding=rotary)
+
+
+class TransformersQuantoKVCacheBackend(KVCacheBackend):
+    """transformers' own `QuantizedCache` with optimum-quanto (the baseline quantsink's cache is
+    measured against): 2 or 4 bits, per-token keys and values in groups of `group_size` channels,
+    no sinks, no pre-RoPE keys, no outliers. It quantizes the
+    whole prompt at the first update and re-quantizes everything whenever its residual buffer
+    fills, so its error compounds where SinkQuantizedCache quantizes each token once."""
+
+    bits = (2, 4)
+
+    def incompatibility(self, config: "KVCacheConfig") -> Optional[str]:
+        unsupported = [
+            (config.sinks.method != "none", f"sinks.method {config.sinks.method}"),
+            (config.keys.pre_rope, "keys.pre_rope"),
+            (config.outlier_fraction > 0, "outlier_fraction"),
+            # its per-channel axis groups across batch, heads and tokens and fails unless they divide the group
+            (config.keys.granularity == "per_channel", "usable keys.granularity per_channel (set per_token)"),
+        ]
+        for present, what in unsupported:
+            if present:
+                return f"backend {self.name} has no {what}: use backend quantsink"
+        return super().incompatibility(config)
+
+    def build(self, config: "KVCacheConfig", adapter: Adapter) -> Cache:
+        from transformers import QuantizedCache
+
+        return QuantizedCache(
+            backend="quanto",
+            config=adapter.model.config,
+            nbits=config.bits,
+            axis_key=0,
+            axis_value=0,
+            q_group_size=config.group_size,
+            residual_length=config.residual_length,
+        )
+
+
+KV_CACHE_BACKENDS.register("quantsink")(QuantsinkKVCacheBackend())
+KV_CACHE_BACKENDS.register("transformers-quanto")(TransformersQuantoKVCacheBackend())
+
+
+def build_kv_cache(config: "KVCacheConfig", adapter: Adapter) -> Cache:
+    require_kv_cache(adapter)
+    return KV_CACHE_BACKENDS.get(config.backend).build(config, adapter)
+
+
+def require_kv_cache(adapter: Adapter) -> None:
+    if not adapter.has_kv_cache:
+        raise UserError(
+            f"a kv_cache recipe quantizes a causal LM's KV cache; {adapter.source.spec} ({adapter.family}) has none: "
+            "give it a causal LM, or use a recipe without kv_cache"
+        )
+
+
+def describe_kv_cache(config: "KVCacheConfig") -> str:
+    sinks = config.sinks.method if config.sinks.method == "none" else f"{config.sinks.method}-{config.sinks.num_sinks}"
+    keys = f"keys {config.keys.granularity}{' pre-RoPE' if config.keys.pre_rope else ''}"
+    outliers = f", {config.outlier_fraction:.1%} outliers" if config.outlier_fraction else ""
+    return (
+        f"{config.backend} {config.bits}-bit, {keys}, values per_token, groups of {config.group_size}, "
+        f"residual {config.residual_length}{outliers}, sinks {sinks}"
+    )
+
+
+def attach_kv_cache_config(model: nn.Module, config: "KVCacheConfig") -> None:
+    """Give `model` its recipe's kv_cache section, and have every forward call hand its 2-D
+    attention mask to the SinkQuantizedCache it runs with, so that left-padded batches need no
+    `set_attention_mask` in `generate`."""
+    setattr(model, KV_CACHE_ATTRIBUTE, config)
+    if MASK_HOOK_ATTRIBUTE not in model.__dict__:
+        setattr(model, MASK_HOOK_ATTRIBUTE, model.register_forward_pre_hook(_hand_over_attention_mask, with_kwargs=True))
+
+
+def _hand_over_attention_mask(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+    cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+    if isinstance(cache, SinkQuantizedCache) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        cache.set_attention_mask(mask)
+
+
+def kv_cache_config_of(model: nn.Module) -> "KVCacheConfig":
+    config = model.__dict__.get(KV_CACHE_ATTRIBUTE)
+    if config is None:
+        raise UserError(
+            "this model carries no kv_cache recipe: load it with quantsink.load(OUT) from a folder quantized "
+            "with a kv_cache section (or pass the QuantizationResult of such a recipe)"
+        )
+    return config

@@ -6,13 +6,14 @@ import os
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantsink.errors import UserError
-from quantsink.registry import EXPORT_FORMATS, METHODS, OBSERVERS, QUANTIZERS, Registry
+from quantsink.kvcache import KeyGranularity, SinkStrategy
+from quantsink.registry import EXPORT_FORMATS, KV_CACHE_BACKENDS, METHODS, OBSERVERS, QUANTIZERS, Registry
 
 
 def _integer_between(low: int, high: int):
@@ -115,17 +116,81 @@ class QuantizationConfig(Schema):
         return targets
 
 
+class KVKeyArgs(Schema):
+    granularity: KeyGranularity = KeyGranularity.per_channel
+    pre_rope: bool = False
+
+
+class KVValueArgs(Schema):
+    granularity: Literal["per_token"] = "per_token"  # KIVI / KVQuant: values are quantized per token
+
+
+class KVSinkArgs(Schema):
+    """Which tokens keep their K/V in full precision and out of every scale: none; pfn, the first
+    `num_sinks` tokens; kvsink, the `num_sinks` predicted from the outlier channel (`profile`
+    tunes the profiler, see quantsink.methods.kvsink)."""
+
+    method: SinkStrategy = SinkStrategy.none
+    num_sinks: PositiveInt = 5
+    profile: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _profile_is_kvsinks(self) -> "KVSinkArgs":
+        if self.profile is not None:
+            if self.method != SinkStrategy.kvsink:
+                raise ValueError(f"profile tunes the kvsink predictor; method {self.method} has none, remove it")
+            METHODS.get("kvsink").validate_options(self.profile)
+        return self
+
+
+class KVCacheConfig(Schema):
+    """How the KV cache of a causal LM is quantized at run time (`quantsink.kv_cache(model)`)."""
+
+    backend: Annotated[str, _registered_in(KV_CACHE_BACKENDS)] = "quantsink"
+    bits: int = 4
+    keys: KVKeyArgs = Field(default_factory=KVKeyArgs)
+    values: KVValueArgs = Field(default_factory=KVValueArgs)
+    group_size: PositiveInt = 64
+    residual_length: Annotated[int, Field(ge=0)] = 128
+    outlier_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+    sinks: KVSinkArgs = Field(default_factory=KVSinkArgs)
+
+    @model_validator(mode="after")
+    def _backend_supports_it(self) -> "KVCacheConfig":
+        problem = KV_CACHE_BACKENDS.get(self.backend).incompatibility(self)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
 class ExportConfig(Schema):
     format: Annotated[str, _registered_in(EXPORT_FORMATS)] = "fake-quant"
 
 
 class Recipe(Schema):
+    """`quantization` (weights and activations) defaults to W8A8 unless the recipe has a
+    `kv_cache` section: a KV-cache recipe quantizes weights only when it says how."""
+
     name: str = "quantsink"
     model: Optional[str] = None
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     methods: list[dict[str, Any]] = Field(default_factory=list)
-    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    quantization: Optional[QuantizationConfig] = Field(default_factory=QuantizationConfig)
+    kv_cache: Optional[KVCacheConfig] = None
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kv_recipes_keep_weights_unless_told(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kv_cache") is not None and "quantization" not in data:
+            return {**data, "quantization": None}
+        return data
+
+    @model_validator(mode="after")
+    def _quantizes_something(self) -> "Recipe":
+        if self.quantization is None and self.kv_cache is None:
+            raise ValueError("quantization: the recipe quantizes nothing; give a quantization or a kv_cache section")
+        return self
 
     @field_validator("methods", mode="before")
     @classmethod

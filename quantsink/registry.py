@@ -1,5 +1,5 @@
 """One registry pattern for every pluggable part (adapters, methods, quantizers, observers,
-export formats). A recipe names parts by their registered name; an unknown name fails with
+export formats, KV cache backends). A recipe names parts by their registered name; an unknown name fails with
 the list of known ones, and close matches, so a typo is a one-line fix."""
 from __future__ import annotations
 
@@ -58,3 +58,4 @@ QUANTIZERS: Registry = Registry("quantization backend")
 OBSERVERS: Registry = Registry("observer")
 METHODS: Registry = Registry("method")
 EXPORT_FORMATS: Registry = Registry("export format")
+KV_CACHE_BACKENDS: Registry = Registry("KV cache backend")

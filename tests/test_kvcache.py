@@ -1,7 +1,11 @@
 """SinkQuantizedCache: exactness at 16 bits on five architectures, the quantization scheme
 (error vs bits, residual window, sinks kept exact and out of the ranges, outliers, pre-RoPE),
-left padding, accounting and the chunked log-likelihood protocol."""
+streaming sink decisions (offer_sinks), left padding, accounting, and the chunked-prefill
+evaluation (chunked_log_likelihood, compare_kv_caches)."""
 from __future__ import annotations
+
+import math
+from typing import Sequence
 
 import pytest
 import torch
@@ -22,13 +26,8 @@ from transformers import (
 )
 
 from quantsink.errors import UserError
-from quantsink.kvcache import (
-    KVQuantConfig,
-    SinkQuantizedCache,
-    SinkQuantizedLayer,
-    chunked_log_likelihood,
-    quantize_groups,
-)
+from quantsink.evaluate import chunked_log_likelihood, compare_kv_caches
+from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache, SinkQuantizedLayer, quantize_groups
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 ARCHITECTURES = {
@@ -312,6 +311,192 @@ def test_left_padded_rows_get_the_log_likelihoods_they_get_alone():
     assert float((single[0] - chunked_log_likelihood(model, short_row[None], DynamicCache(), chunk_size=5)[0]).abs().max()) > 1e-2
 
 
+# --- streaming sink decisions (offer_sinks) -----------------------------------------------
+STREAMING = dict(bits=2, group_size=4, residual_length=2, sink_strategy="kvsink")
+
+
+def three_layer_llama(seed: int = 7) -> torch.nn.Module:
+    """Layers 0 and 1 update the cache before a hook on block 1 runs, layer 2 after it."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, "num_hidden_layers": 3}, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def offer_from_block(model, block: int, scores: torch.Tensor, inside=None):
+    """Stand-in for the kvsink hook: after decoder `block`, each forward call offers the scores of
+    the cache columns it added, read from `scores` (batch, length); `inside(cache)` runs first."""
+
+    def offer(_module, _args, kwargs, output):
+        cache = kwargs["past_key_values"]
+        length, new = cache.get_seq_length(), output.shape[1]
+        if inside is not None:
+            inside(cache)
+        cache.offer_sinks(scores[:, length - new : length])
+
+    return model.model.layers[block].register_forward_hook(offer, with_kwargs=True)
+
+
+def feed(model, input_ids: torch.Tensor, cache, chunks: Sequence[int], attention_mask=None) -> None:
+    """Forward calls of `chunks` tokens each through `cache`."""
+    start = 0
+    with torch.no_grad():
+        for size in chunks:
+            end = start + size
+            mask = None if attention_mask is None else attention_mask[:, :end]
+            model(input_ids[:, start:end], attention_mask=mask, past_key_values=cache, use_cache=True)
+            start = end
+
+
+def sink_sets(cache: SinkQuantizedCache) -> list[set[int]]:
+    return [set(row[row >= 0].tolist()) for row in cache.rows.sink_positions]
+
+
+def stored_counts(layers) -> list[tuple[int, int]]:
+    """Per layer of one row: stream tokens whose keys, and whose values, are stored quantized."""
+    return [(int(layer.quantized_keys), int(layer.quantized_values)) for layer in layers]
+
+
+def assert_same_storage(cache: SinkQuantizedCache, other: SinkQuantizedCache) -> None:
+    for layer, twin in zip(cache.layers, other.layers, strict=True):
+        assert torch.equal(layer.keys, twin.keys) and torch.equal(layer.values, twin.values)
+    assert cache.memory() == other.memory()
+
+
+def test_offer_sinks_in_one_prefill_is_set_sink_positions_with_the_top_k():
+    model = three_layer_llama()
+    input_ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+    scores = torch.rand(2, 24, generator=torch.Generator().manual_seed(1))
+    scores[1, 20] = 2.0
+    top = scores.topk(3, dim=-1).indices
+    handle = offer_from_block(model, 1, scores)
+    try:
+        streamed = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=3))
+        feed(model, input_ids, streamed, [24])
+        explicit = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=3))
+        explicit.set_sink_positions(top)  # the hook still offers: explicit positions ignore it
+        feed(model, input_ids, explicit, [24])
+    finally:
+        handle.remove()
+    assert sink_sets(streamed) == [set(row.tolist()) for row in top] and 20 in sink_sets(streamed)[1]
+    assert_same_storage(streamed, explicit)
+    exact = DynamicCache()
+    feed(model, input_ids, exact, [24])
+    for layer, reference in zip(streamed.layers, exact.layers):
+        assert not torch.equal(layer.values, reference.values)  # quantized, in every layer
+        for row, positions in enumerate(top):
+            assert torch.equal(layer.keys[row, :, positions], reference.keys[row, :, positions])
+            assert torch.equal(layer.values[row, :, positions], reference.values[row, :, positions])
+
+
+def test_offered_sinks_give_the_log_likelihoods_of_the_same_explicit_positions():
+    model = three_layer_llama()
+    input_ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(2))
+    massive = [[0, 7, 19], [0, 11, 26]]  # what a thresholded hook offers: -inf elsewhere
+    scores = torch.full((2, 30), -math.inf)
+    for row, positions in enumerate(massive):
+        scores[row, positions] = torch.tensor([3.0, 1.0, 2.0])
+    handle = offer_from_block(model, 1, scores)
+    try:
+        streamed = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=3))
+        offered = chunked_log_likelihood(model, input_ids, streamed, chunk_size=8)
+    finally:
+        handle.remove()
+    explicit = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=3))
+    explicit.set_sink_positions(massive)
+    assert torch.equal(offered, chunked_log_likelihood(model, input_ids, explicit, chunk_size=8))
+    assert_same_storage(streamed, explicit)
+    unprotected = SinkQuantizedCache(KVQuantConfig(bits=2, group_size=4, residual_length=2))
+    assert not torch.equal(offered, chunked_log_likelihood(model, input_ids, unprotected, chunk_size=8))
+
+
+def test_later_massive_tokens_become_sinks_while_budget_lasts():
+    model = three_layer_llama()
+    input_ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(3))
+    scores = torch.full((1, 24), -math.inf)
+    scores[0, [0, 9, 12]] = 5.0  # in the prompt
+    scores[0, [17, 20, 22]] = torch.tensor([1.0, 9.0, 8.0])  # generated one step at a time
+    decided = []
+    handle = offer_from_block(model, 1, scores, inside=lambda cache: decided.append(cache.rows.decided))
+    try:
+        cache = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=4))
+        feed(model, input_ids, cache, [16])
+        assert sink_sets(cache) == [{0, 9, 12}]
+        feed(model, input_ids[:, 16:], cache, [1] * 8)
+    finally:
+        handle.remove()
+    # 17 took the last slot when it came; 20 and 22 score higher but found the budget spent
+    assert sink_sets(cache) == [{0, 9, 12, 17}] and cache.rows.sink_positions.shape == (1, 4)
+    assert decided == [0, *range(16, 24)]  # every call found the earlier ones decided
+    explicit = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=4))
+    explicit.set_sink_positions([[0, 9, 12, 17]])
+    feed(model, input_ids, explicit, [16] + [1] * 8)
+    assert_same_storage(cache, explicit)
+    exact = DynamicCache()  # layer 0's keys and values depend on the tokens only, not on the cache
+    feed(model, input_ids, exact, [16] + [1] * 8)
+    assert torch.equal(cache.layers[0].values[:, :, 17], exact.layers[0].values[:, :, 17])
+    assert not torch.equal(cache.layers[0].values[:, :, 20], exact.layers[0].values[:, :, 20])
+
+
+def test_padding_is_never_a_sink():
+    model = three_layer_llama()
+    input_ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    scores = torch.arange(12, 0, -1).float().expand(2, 12).clone()  # the first columns score highest
+    handle = offer_from_block(model, 1, scores)
+    try:
+        cache = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=2))
+        cache.set_attention_mask(mask)
+        feed(model, input_ids, cache, [12], attention_mask=mask)
+    finally:
+        handle.remove()
+    assert sink_sets(cache) == [{0, 1}, {4, 5}]
+
+
+def test_layers_before_the_hook_keep_undecided_tokens_exact():
+    model = three_layer_llama()
+    input_ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(5))
+    exact = DynamicCache()  # layer 0's keys and values depend on the tokens only, not on the cache
+    feed(model, input_ids, exact, [16, 8])
+    seen = []
+
+    def before_the_decision(cache):
+        length, decided = cache.get_seq_length(), cache.rows.decided
+        assert len(cache.layers) == 2 or cache.layers[2].get_seq_length() < length  # layer 2 runs after the hook
+        layer, reference = cache.layers[0], exact.layers[0]
+        assert torch.equal(layer.keys[:, :, decided:], reference.keys[:, :, decided:length])
+        assert torch.equal(layer.values[:, :, decided:], reference.values[:, :, decided:length])
+        # stream tokens stored quantized, in the layers before the hook: only decided ones
+        seen.append((length, decided, stored_counts(cache.layers[:2])))
+
+    scores = torch.full((1, 24), -math.inf)
+    scores[0, 3] = 1.0
+    handle = offer_from_block(model, 1, scores, inside=before_the_decision)
+    try:
+        cache = SinkQuantizedCache(KVQuantConfig(**{**STREAMING, "residual_length": 0}, num_sinks=2))
+        feed(model, input_ids, cache, [16, 8])
+    finally:
+        handle.remove()
+    # first call: nothing stored yet; second: the first call's 15 stream tokens (keys: 3 groups of 4)
+    assert seen == [(16, 0, [(0, 0), (0, 0)]), (24, 16, [(12, 15), (12, 15)])]
+    assert stored_counts(cache.layers) == [(20, 23)] * 3
+    assert torch.equal(cache.layers[0].values[:, :, 3], exact.layers[0].values[:, :, 3])
+    ordinary = [t for t in range(24) if t != 3]
+    assert bool((cache.layers[0].values[0, :, ordinary] != exact.layers[0].values[0, :, ordinary]).any(-1).all())
+
+
+def test_a_forward_after_undecided_tokens_fails_with_the_fix():
+    model = three_layer_llama()
+    input_ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(6))
+    cache = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=2))
+    feed(model, input_ids, cache, [8])  # no hook: nothing decided, nothing quantized
+    assert cache.memory().codes == 0
+    with pytest.raises(UserError, match=r"never offered as sinks .*quantsink\.kv_cache\(model\).*set_sink_positions"):
+        feed(model, input_ids[:, 8:], cache, [4])
+    with pytest.raises(UserError, match="scores for 3 tokens but 8"):
+        cache.offer_sinks(torch.zeros(1, 3))
+
+
 # --- accounting, protocol, errors ---------------------------------------------------------
 def test_memory_accounting_matches_packed_storage():
     heads, head_dim, tokens = 2, 32, 100
@@ -342,9 +527,36 @@ def test_chunked_log_likelihood_of_the_default_cache_is_the_full_forward():
     assert torch.equal(sixteen, chunked)
 
 
+def test_compare_kv_caches_at_16_bits_is_the_reference_and_counts_only_real_predictions():
+    model = tiny_model("llama")
+    input_ids = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(8))
+    mask = torch.stack([torch.ones(20, dtype=torch.long), (torch.arange(20) >= 5).long()])
+    comparison = compare_kv_caches(model, input_ids, SinkQuantizedCache(KVQuantConfig(bits=16)), chunk_size=8, attention_mask=mask)
+    assert comparison.kl_mean == 0 and comparison.perplexity_quantized == comparison.perplexity_reference
+    assert comparison.tokens == 19 + 14  # row 1: its first real token has nothing before it
+    log_likelihood = chunked_log_likelihood(model, input_ids, DynamicCache(), chunk_size=8, attention_mask=mask)
+    assert comparison.perplexity_reference == pytest.approx(math.exp(-float(log_likelihood.sum()) / 33), rel=1e-5)
+
+
+def test_compare_kv_caches_measures_the_kl_of_the_chunked_quantized_predictions():
+    model = tiny_model("qwen2", seed=9)
+    input_ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(9))
+    config = KVQuantConfig(bits=2, group_size=4, residual_length=0)
+    comparison = compare_kv_caches(model, input_ids, SinkQuantizedCache(config), chunk_size=8)
+    # the same protocol spelled out: each chunk reads the earlier ones as the cache stores them
+    cache = SinkQuantizedCache(config)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids).logits[:, :-1], dim=-1)
+        chunks = [model(input_ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 24, 8)]
+    quantized = torch.log_softmax(torch.cat(chunks, dim=1)[:, :-1], dim=-1)
+    kl = float((reference.exp() * (reference - quantized)).sum(-1).mean())
+    assert comparison.tokens == 2 * 23 and kl > 1e-3
+    assert comparison.kl_mean == pytest.approx(kl, rel=1e-3)
+    log_likelihood = chunked_log_likelihood(model, input_ids, SinkQuantizedCache(config), chunk_size=8)
+    assert comparison.perplexity_quantized == pytest.approx(math.exp(-float(log_likelihood.mean())), rel=1e-5)
+
+
 def test_misuse_fails_with_one_line_fixes():
-    with pytest.raises(UserError, match="set_sink_positions"):
-        SinkQuantizedCache(KVQuantConfig(sink_strategy="kvsink")).update(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 0)
     cache = SinkQuantizedCache(KVQuantConfig(bits=4, group_size=6))
     with pytest.raises(UserError, match="divide head_dim"):
         cache.update(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 0)
@@ -367,6 +579,8 @@ def test_misuse_fails_with_one_line_fixes():
         KVQuantConfig(bits=5)
     with pytest.raises(UserError, match="empty cache"):
         chunked_log_likelihood(tiny_model("llama"), torch.ones(1, 4, dtype=torch.long), cache)
+    with pytest.raises(UserError, match="no token to predict"):
+        compare_kv_caches(tiny_model("llama"), torch.ones(2, 1, dtype=torch.long), DynamicCache())
 
 
 def test_beam_search_reorders_rows_and_their_state():

@@ -37,7 +37,7 @@ from quantsink.models import catalog, resolve, save_model
 from quantsink.models.base import hidden_states_of
 from quantsink.models.catalog import SHORT_NAMES
 from quantsink.models.open_clip import SplitMultiheadAttention, split_attention
-from quantsink.testing.tiny import TINY_FAMILIES, build_tiny
+from quantsink.testing.tiny import TINY_CAUSAL_LMS, TINY_FAMILIES, build_tiny, build_tiny_causal_lm
 
 ATTENTION = {
     "hf-clip": CLIPAttention,
@@ -334,8 +334,8 @@ def test_folder_without_config_is_a_user_error(tmp_path):
 
 
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ModelLoadError, match="'llama'.*clip_vision_model.*dinov2"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ModelLoadError, match="'t5'.*clip_vision_model.*dinov2.*gpt_neox.*llama"):
         resolve(str(tmp_path))
 
 
@@ -357,4 +357,6 @@ def test_catalog_rows_name_real_sources():
     assert rows["clip-vit-l"] == ("hf:openai/clip-vit-large-patch14", "hf-clip")
     assert rows["openclip-vit-h14"] == ("open_clip:ViT-H-14/laion2b_s32b_b79k", "open-clip")
     assert rows["dinov2-b"] == ("hf:facebook/dinov2-base", "hf-dinov2")
-    assert {family for _, family in rows.values()} <= set(TINY_FAMILIES)
+    # every family the catalog names has a tiny model the tests run (causal LMs: one per layout)
+    tiny_causal_families = {build_tiny_causal_lm(model_type).family for model_type in TINY_CAUSAL_LMS}
+    assert {family for _, family in rows.values()} <= set(TINY_FAMILIES) | tiny_causal_families

@@ -1,5 +1,6 @@
 """The planted-sink CLIP fixture shows, with numbers, the phenomenon RegCache repairs."""
 import copy
+import math
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ from torch import nn
 from transformers import CLIPVisionModel
 
 from quantsink.errors import UserError
+from quantsink.models import resolve
+from quantsink.models.base import KVPrefix
 from quantsink.quantizers.functional import fake_quantize, fake_quantize_along, qparams_from_range
 from quantsink.testing.planted_clip import build_planted_clip, planted_clip_inputs, planted_sinks
 
@@ -237,22 +240,52 @@ def test_deleting_sinks_at_emergence_leaves_no_massive_token(model, pixels, run)
     assert drop.min() > 3, drop  # measured 17-35x (383 -> 12 at the last block input)
 
 
-def test_sink_like_prefix_plus_deletion_keeps_the_embedding(model, pixels, run, sinks):
-    """A RegCache-style register (the sinks' mean key and value per parking block) stands in
-    for the deleted sinks; deletion alone moves the embedding, since heads lose where to park."""
-    plan = planted_sinks(model)
+def sink_registers(model, run, sinks) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """A RegCache-style register per parking block: the sinks' mean key and value, as (heads,
+    tau, head_dim) tau copies, tau the mean number of sinks per image."""
     tau = max(1, round(sinks.sum(-1).float().mean().item()))
     prefix = {}
     with torch.no_grad():
-        for block in plan.parking_blocks:
+        for block in planted_sinks(model).parking_blocks:
             layer = model.encoder.layers[block]
             keys, values, _ = keys_values_queries(layer.self_attn, layer.layer_norm1(run[0].hidden_states[block]))
             weights = sinks[:, None, :, None] / sinks.sum()
             register = [(t * weights).sum(dim=(0, 2))[:, None].expand(-1, tau, -1) for t in (keys, values)]
             prefix[block] = tuple(register)
+    return prefix
+
+
+def test_sink_like_prefix_plus_deletion_keeps_the_embedding(model, pixels, run, sinks):
+    """A RegCache-style register (the sinks' mean key and value per parking block) stands in
+    for the deleted sinks; deletion alone moves the embedding, since heads lose where to park."""
+    plan = planted_sinks(model)
+    prefix = sink_registers(model, run, sinks)
+    with torch.no_grad():
         _, deleted = encode(model, pixels, delete_at=plan.emergence_block)
         _, repaired = encode(model, pixels, delete_at=plan.emergence_block, prefix=prefix)
     reference = run[0].pooler_output
     repaired_cosine = nn.functional.cosine_similarity(reference, repaired).mean().item()
     deleted_cosine = nn.functional.cosine_similarity(reference, deleted).mean().item()
     assert repaired_cosine > 0.99 and deleted_cosine < repaired_cosine - 0.05, (repaired_cosine, deleted_cosine)
+
+
+@pytest.mark.parametrize("copies", ["tau entries", "one entry weighted log(tau)"])
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_adapter_prefix_and_deletion_are_the_written_out_model(model, pixels, run, sinks, kernel, copies):
+    """quantsink's prefix (cascade attention: the kernel over the sequence's own keys, the prefix
+    apart, merged by logsumexp) and its deletion give the embedding of the written-out model,
+    whose prefix is concatenated in front of the keys: same attention, other float rounding."""
+    plan = planted_sinks(model)
+    prefix = sink_registers(model, run, sinks)
+    with torch.no_grad():
+        _, written_out = encode(model, pixels, delete_at=plan.emergence_block, prefix=prefix)
+    adapter = resolve(copy.deepcopy(model))
+    adapter.model.set_attn_implementation(kernel)
+    for block, (keys, values) in prefix.items():
+        if copies == "tau entries":
+            adapter.set_kv_prefix(block, KVPrefix(keys, values))
+        else:
+            adapter.set_kv_prefix(block, KVPrefix(keys[:, :1], values[:, :1], torch.tensor([math.log(keys.shape[1])])))
+    adapter.delete_tokens_at(plan.emergence_block, DELETED)
+    embedded = adapter.embed({"pixel_values": pixels})
+    assert (embedded - written_out).abs().max() < 1e-5 * written_out.abs().max(), (embedded - written_out).abs().max()

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache, chunked_log_likelihood
+from quantsink.evaluate import chunked_log_likelihood, compare_kv_caches
+from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache
 from quantsink.testing.planted_llm import build_planted_llama, planted_llama_plan, planted_segments
 
 SEGMENTS = 8  # held-out segments of 128 tokens (1,016 predicted tokens) used for perplexity
@@ -115,6 +116,15 @@ def test_it_is_a_language_model(planted, heldout, full_precision):
     counts = torch.bincount(train[:, 1:].reshape(-1), minlength=len(tokenizer)).double() + 0.5
     unigram = math.exp(-float((counts / counts.sum()).log()[heldout[:, 1:]].mean()))
     assert fp < 0.8 * unigram < 0.1 * len(tokenizer), (fp, unigram)
+
+
+def test_compare_kv_caches_sees_what_2_bits_cost(planted, heldout):
+    model = planted[0]
+    segments = heldout[:2]
+    comparison = compare_kv_caches(model, segments, SinkQuantizedCache(KVQuantConfig(bits=2, group_size=16, residual_length=0)))
+    assert comparison.tokens == 2 * 127
+    assert comparison.perplexity_reference == pytest.approx(perplexity(model, segments, DynamicCache()), rel=1e-5)
+    assert comparison.kl_mean > 0.1 and comparison.perplexity_quantized > 1.5 * comparison.perplexity_reference, comparison
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -39,6 +39,16 @@ def test_defaults_are_w8a8_per_tensor_static():
         ({"methods": [{"regcash": {}}]}, "unknown method 'regcash'"),
         ({"export": {"format": "onnx"}}, "unknown export format 'onnx'"),
         ({"quantization": {"targets": []}}, "quantization.targets: expected at least one target"),
+        ({"quantization": None}, "the recipe quantizes nothing; give a quantization or a kv_cache section"),
+        ({"kv_cache": {"bits": 5}}, "kv_cache: bits 5: the quantsink KV cache stores 2, 3, 4, 8, 16 bits"),
+        ({"kv_cache": {"backend": "transformers-quanto", "bits": 4}}, "backend transformers-quanto has no usable keys.granularity"),
+        ({"kv_cache": {"backend": "transformers-quanto", "bits": 3, "keys": {"granularity": "per_token"}}},
+         "the transformers-quanto KV cache stores 2, 4 bits"),
+        ({"kv_cache": {"backend": "hqq"}}, "unknown KV cache backend 'hqq'"),
+        ({"kv_cache": {"sinks": {"method": "first"}}}, "kv_cache.sinks.method: Input should be 'none', 'pfn' or 'kvsink'"),
+        ({"kv_cache": {"sinks": {"method": "pfn", "profile": {}}}}, "profile tunes the kvsink predictor"),
+        ({"kv_cache": {"sinks": {"method": "kvsink", "profile": {"massive_ratio": 0.5}}}}, "massive_ratio"),
+        ({"kv_cache": {"values": {"granularity": "per_channel"}}}, "kv_cache.values.granularity"),
     ],
 )
 def test_errors_name_the_field_and_the_fix(data, message):
@@ -65,3 +75,11 @@ def test_round_trips_through_yaml(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(recipe.to_yaml())
     assert Recipe.from_yaml(path) == recipe
+
+
+def test_a_kv_cache_recipe_leaves_weights_alone_unless_it_says():
+    recipe = Recipe.from_dict({"kv_cache": {"bits": 2, "sinks": {"method": "kvsink", "num_sinks": 5}}})
+    assert recipe.quantization is None and recipe.kv_cache.bits == 2 and recipe.kv_cache.sinks.num_sinks == 5
+    both = Recipe.from_dict({"kv_cache": {"bits": 4}, "quantization": {}})
+    assert both.quantization.weights.bits == 8 and both.kv_cache.keys.granularity == "per_channel"
+    assert Recipe.from_dict(recipe.to_dict()) == recipe  # None survives the round trip through the folder

@@ -1,13 +1,18 @@
 """RegCache: the adapter-level sequence edits on every vision family, and the method on the
 planted-sink CLIP fixture, end to end through the CLI."""
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import quantsink
 from quantsink import cli
+from quantsink.calibration import StatisticsCollector
 from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
 from quantsink.evaluate import embed_batches, fidelity
@@ -15,7 +20,7 @@ from quantsink.export import load_adapter
 from quantsink.methods.base import MethodContext
 from quantsink.methods.regcache import RegCache, RegCacheOptions, install
 from quantsink.models import resolve, save_model
-from quantsink.models.base import KVPrefix
+from quantsink.models.base import EDITS_ATTRIBUTE, AttentionEdits, KVPrefix, attend, hidden_states_of, sdpa_with_logsumexp, take_tokens
 from quantsink.recipe import Recipe
 from quantsink.registry import QUANTIZERS
 from quantsink.testing.planted_clip import build_planted_clip, planted_sinks
@@ -40,10 +45,27 @@ def prefix_everywhere(adapter, log_weight: float, scale: float) -> None:
         adapter.set_kv_prefix(block, KVPrefix(keys, values, torch.full((2,), log_weight)))
 
 
-@pytest.mark.parametrize("family", VISION_FAMILIES)
-def test_sequence_edits_change_nothing_when_they_do_nothing(family, images):
+def use_eager_attention(adapter) -> None:
+    """The family's non-fused attention: transformers' eager kernel, timm's written-out softmax."""
+    if adapter.family == "timm-vit":
+        for block in adapter.model.blocks:
+            block.attn.fused_attn = False
+    else:
+        adapter.model.set_attn_implementation("eager")
+
+
+def padded_if_naflex(family, images):
+    """SigLIP 2 NaFlex gets 5x3-patch images, so one of its 16 positions is padding (masked)."""
+    return [image.resize((30, 70)) for image in images] if family == "hf-siglip2" else images
+
+
+@pytest.mark.parametrize("family, kernel", [(family, "default") for family in VISION_FAMILIES]
+                         + [("hf-clip", "eager"), ("hf-siglip2", "eager"), ("timm-vit", "eager")])
+def test_sequence_edits_change_nothing_when_they_do_nothing(family, kernel, images):
     adapter = build_tiny(family)
-    inputs = adapter.preprocess(images)
+    if kernel == "eager":
+        use_eager_attention(adapter)
+    inputs = adapter.preprocess(padded_if_naflex(family, images))
     plain = adapter.embed(inputs)
 
     # the search's cache: running from a block on its cached input is the model itself, bit for bit
@@ -57,20 +79,112 @@ def test_sequence_edits_change_nothing_when_they_do_nothing(family, images):
     assert deletion.kept.shape[1] == deletion.length
     deletion.remove()
 
-    # registers whose attention weight is forced to zero (log weight -inf, i.e. masked) change
-    # nothing although their keys and values are huge; not bit for bit, because the kernel now sums
-    # over a longer key axis: the difference is float rounding, a few float32 ulps of the embedding
+    # registers whose attention weight is forced to zero (log weight -inf) change nothing, bit for
+    # bit, although their keys and values are huge: the kernel runs over the sequence's own keys
+    # as without them, and the cascade merge gives the prefix a share of exactly 0
     prefix_everywhere(adapter, log_weight=float("-inf"), scale=1e3)
-    masked = adapter.embed(inputs)
-    assert (masked - plain).abs().max() <= 2e-6 * plain.abs().max()
+    assert torch.equal(adapter.embed(inputs), plain)
     prefix_everywhere(adapter, log_weight=0.0, scale=1.0)  # the same path with weight: it does act
-    assert (adapter.embed(inputs) - plain).abs().max() > 1e-2 * plain.abs().max()
+    seen = []
+    with adapter.observing_kv([0], lambda _block, keys, values: seen.append(keys.shape[-2])):
+        assert (adapter.embed(inputs) - plain).abs().max() > 1e-2 * plain.abs().max()
+    assert seen == [cached.shape[1]]  # observers see the sequence's own keys, not the prefix
     for block in range(adapter.num_blocks):
         adapter.set_kv_prefix(block, None)
     assert torch.equal(adapter.embed(inputs), plain)
 
     # registers live outside the state_dict
     assert not any("quantsink" in key for key in adapter.model.state_dict())
+
+
+@pytest.mark.parametrize("family", ["hf-clip", "hf-siglip2", "timm-vit"])
+def test_prefixed_embedding_is_the_same_under_eager_and_fused_attention(family, images):
+    """The logsumexp of the sequence's own logits comes from the fused kernel (SDPA) or from the
+    eager kernel's softmax: both merge to the same prefixed attention."""
+    embeddings = []
+    for kernel in ("default", "eager"):
+        adapter = build_tiny(family)
+        if kernel == "eager":
+            use_eager_attention(adapter)
+        prefix_everywhere(adapter, log_weight=math.log(3), scale=1.0)
+        embeddings.append(adapter.embed(adapter.preprocess(padded_if_naflex(family, images))))
+    assert (embeddings[0] - embeddings[1]).abs().max() <= 1e-5 * embeddings[0].abs().max()
+
+
+# --- cascade attention against attention over the concatenated keys ----------------------------
+def attention_inputs(mask_kind: str):
+    """Query, keys, values (batch 3, heads 2, 7 tokens, head_dim 8), a mask of `mask_kind` that
+    hides the last two keys of the second sequence (padding), and a 3-entry prefix weighted as
+    3 copies, 1 copy and none."""
+    generator = torch.Generator().manual_seed(0)
+    query, keys, values = (torch.randn(3, 2, 7, 8, generator=generator) for _ in range(3))
+    visible = torch.ones(3, 1, 7, 7, dtype=torch.bool)
+    visible[1, ..., 5:] = False
+    mask = {"none": None, "bool": visible,
+            "additive": torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)}[mask_kind]
+    prefix = KVPrefix(torch.randn(2, 3, 8, generator=generator) * 2, torch.randn(2, 3, 8, generator=generator),
+                      torch.tensor([math.log(3), 0.0, float("-inf")]))
+    return query, keys, values, mask, prefix
+
+
+def own_attention(kernel: str, query: torch.Tensor, scale: float):
+    def eager(keys, values, mask):
+        logits = query @ keys.transpose(-2, -1) * scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        return logits.softmax(dim=-1) @ values
+
+    def sdpa(keys, values, mask):
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+
+    return eager if kernel == "eager" else sdpa
+
+
+def concatenated_attention(query, keys, values, mask, prefix, scale):
+    """The prefix written in front of every sequence's keys and values, in float64."""
+    own = torch.zeros(1, 1, 1, keys.shape[-2], dtype=torch.float64)
+    if mask is not None:
+        own = own.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else own + mask
+    batch = len(query)
+    keys = torch.cat([prefix.keys.expand(batch, -1, -1, -1), keys], dim=-2).double()
+    values = torch.cat([prefix.values.expand(batch, -1, -1, -1), values], dim=-2).double()
+    logits = query.double() @ keys.transpose(-2, -1) * scale
+    bias = torch.cat([prefix.log_weights.double().expand(*logits.shape[:-1], -1), own.expand(*logits.shape[:-1], -1)], dim=-1)
+    return ((logits + bias).softmax(dim=-1) @ values).float()
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", "sdpa-math"])
+def test_cascade_prefix_is_attention_over_the_concatenated_keys(kernel, mask_kind):
+    query, keys, values, mask, prefix = attention_inputs(mask_kind)
+    scale = 0.3  # not SDPA's default: the prefix logits must use the kernel's own scale
+    module = nn.Module()
+    setattr(module, EDITS_ATTRIBUTE, AttentionEdits(prefix=prefix))
+    attention = own_attention("eager" if kernel == "eager" else "sdpa", query, scale)
+    with sdpa_kernel(SDPBackend.MATH if kernel == "sdpa-math" else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        if kernel != "eager":  # which of sdpa_with_logsumexp's two ways this case takes
+            expected_backend = SDPBackend.MATH if kernel == "sdpa-math" else SDPBackend.FLASH_ATTENTION
+            assert SDPBackend(torch._fused_sdp_choice(query, keys, values, mask, scale=scale)) == expected_backend
+        cascade = attend(module, query, keys, values, mask, scale, attention)
+        reference = concatenated_attention(query, keys, values, mask, prefix, scale)
+        assert (cascade - reference).abs().max() < 1e-5
+        # with every entry weighted out the output is the kernel's, bit for bit
+        prefix.log_weights = torch.full((3,), float("-inf"))
+        assert torch.equal(attend(module, query, keys, values, mask, scale, attention), attention(keys, values, mask))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("backend", [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+def test_sdpa_with_logsumexp_gives_the_kernel_output_bit_for_bit(backend, mask_kind):
+    query, keys, values, mask, _ = attention_inputs(mask_kind)
+    query = query.transpose(1, 2).contiguous().transpose(1, 2)  # transformers' strides
+    with sdpa_kernel(backend):
+        output, logsumexp = sdpa_with_logsumexp(query, keys, values, attn_mask=mask, scale=0.3)
+        assert torch.equal(output, F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=0.3))
+    logits = query.double() @ keys.double().transpose(-2, -1) * 0.3
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    assert (logsumexp - logits.logsumexp(dim=-1)).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("family", VISION_FAMILIES)
@@ -106,6 +220,32 @@ def test_siglip2_deletion_keeps_padding_and_the_pooling_mask_in_step(images):
     assert out.last_hidden_state.shape[1] == inputs["pixel_attention_mask"].shape[1]
     padding = (inputs["pixel_attention_mask"] == 0).nonzero()
     assert all(int(position) in deletion.kept[image].tolist() for image, position in padding)
+
+
+@pytest.mark.parametrize("refill", ["none", "neighbours"])
+def test_statistics_follow_a_token_deletion_past_siglip2_padding(refill, images):
+    """Regression: calibration statistics applied the input's token mask to every block output,
+    which a deletion had shortened (IndexError on SigLIP 2, whose token mask marks padding)."""
+    adapter = build_tiny("hf-siglip2")
+    inputs = adapter.preprocess(padded_if_naflex("hf-siglip2", images))
+    real = adapter.token_mask(inputs)
+    outputs = {}
+    for index, block in enumerate(adapter.blocks()):
+        block.register_forward_hook(lambda _m, _a, output, index=index: outputs.__setitem__(index, hidden_states_of(output)))
+    deletion = adapter.delete_tokens_at(1, 3, refill=refill)
+    collector = StatisticsCollector(adapter, {})
+    with collector.attached():
+        collector.run(inputs)
+    stats = collector.result()
+    last = adapter.num_blocks - 1
+    for block in range(adapter.num_blocks):
+        shortened = 1 <= block and not (refill == "neighbours" and block == last)
+        kept = take_tokens(real, deletion.kept, 1) if shortened else real
+        assert [len(norms) for norms in stats.token_linf[block]] == [15 - 3 * shortened] * len(images)
+        for norms, hidden, keep in zip(stats.token_linf[block], outputs[block], kept):
+            assert torch.equal(norms, hidden.abs().amax(-1)[keep])
+    deletion.remove()
+    assert torch.equal(adapter.block_output_tokens(2, real), real)
 
 
 def test_options_are_validated_with_their_field():

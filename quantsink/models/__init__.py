@@ -21,6 +21,7 @@ from quantsink.errors import CheckpointError, ModelLoadError, UserError
 from quantsink.models import hub
 from quantsink.models.base import ADAPTERS, Adapter, ModelSource
 from quantsink.models.catalog import CATALOG, SHORT_NAMES, SPEC_FORMS, unknown_name
+from quantsink.models.causal_lm import HFCausalLMAdapter  # noqa: F401  (registers the LM families)
 from quantsink.models.hf import HFAdapter
 from quantsink.models.open_clip import OpenCLIPAdapter
 from quantsink.models.timm import TimmViTAdapter

@@ -9,8 +9,8 @@ It also offers the few sequence edits that sink-aware methods (RegCache) need, t
 every family: keys and values prepended to a block's self-attention (`set_kv_prefix`), a look at
 each block's keys and values (`observing_kv`), deletion of the largest tokens at a block's input
 (`delete_tokens_at`), and running the model from a block on cached hidden states (`hidden_before`,
-`run_from`). Each family only says where its attention computes keys and values (it calls
-`edit_attention` there) and which masks travel beside the hidden states.
+`run_from`). Each family only hands its attention call to `attend` (with the query, keys, values,
+mask and softmax scale it computed) and says which masks travel beside the hidden states.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from quantsink.errors import UserError
@@ -77,42 +79,127 @@ class AttentionEdits:
 EDITS_ATTRIBUTE = "quantsink_attention_edits"
 
 
-def edit_attention(
-    module: nn.Module, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Where every family's attention hands over its (batch, heads, tokens, head_dim) keys and
-    values, after projection and any key norm, with the mask it passes to the kernel: observers
-    see them, then the prefix goes in front and the mask widens to match. Without edits the
-    same tensors come back."""
+# The family's own attention call over (batch, heads, tokens, head_dim) keys and values with its
+# mask: (keys, values, mask) -> (batch, heads, queries, head_dim).
+AttentionCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def attend(
+    module: nn.Module,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    attention: AttentionCall,
+) -> torch.Tensor:
+    """Where every family's self-attention runs: `attention(keys, values, mask)` is the family's
+    own kernel call for `query`, on keys and values after projection and any key norm; `scale`
+    is its softmax scale. Observers see the keys and values. A prefix is cascade attention (as
+    in FlashInfer and Hydragen): the kernel runs over the sequence's own keys exactly as without
+    a prefix, the prefix entries, shared by the batch, are attended apart, and the two results
+    are merged by the logsumexp of their logits, which the kernel call gives on the side. So a
+    prefix whose weight is zero changes nothing, bit for bit. Without edits: the kernel call."""
     edits = module.__dict__.get(EDITS_ATTRIBUTE)
     if edits is None:
-        return keys, values, mask
+        return attention(keys, values, mask)
     for observer in edits.observers:
         observer(keys, values)
-    prefix = edits.prefix
-    if prefix is None:
-        return keys, values, mask
-    mask = _prefixed_mask(mask, prefix, keys)
-    batch = keys.shape[0]
-    keys = torch.cat([prefix.keys.to(keys).expand(batch, -1, -1, -1), keys], dim=-2)
-    values = torch.cat([prefix.values.to(values).expand(batch, -1, -1, -1), values], dim=-2)
-    return keys, values, mask
+    if edits.prefix is None:
+        return attention(keys, values, mask)
+    with _KernelLogSumExp(keys.shape[-2]) as kernel:
+        output = attention(keys, values, mask)
+    if kernel.logsumexp is None or kernel.logsumexp.shape != output.shape[:-1]:
+        raise RuntimeError(
+            f"the attention kernel of {type(module).__name__} runs no softmax over its keys that quantsink can see: "
+            "a key/value prefix cannot be merged with its output"
+        )
+    prefix_output, prefix_logsumexp = _attend_prefix(query, edits.prefix, scale)
+    # the prefix's share of the softmax over both parts, the sequence's being 1 - share: lerp
+    # gives output + share * (prefix_output - output) in one pass, exact at both ends. A prefix
+    # weighted out has logsumexp -inf, a share of exactly 0: the kernel's output comes back as is.
+    prefix_share = torch.sigmoid(prefix_logsumexp - kernel.logsumexp)[..., None]
+    return torch.lerp(output, prefix_output.to(output.dtype), prefix_share.to(output.dtype))
 
 
-def _prefixed_mask(mask: torch.Tensor | None, prefix: KVPrefix, keys: torch.Tensor) -> torch.Tensor | None:
-    entries = prefix.keys.shape[-2]
-    if prefix.log_weights is None:
-        if mask is None:
-            return None
-        visible = True if mask.dtype == torch.bool else 0.0
-        extra = torch.full((*mask.shape[:-1], entries), visible, dtype=mask.dtype, device=mask.device)
-        return torch.cat([extra, mask], dim=-1)
-    if mask is None:
-        mask = keys.new_zeros(1, 1, 1, keys.shape[-2])
-    elif mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=keys.dtype, device=mask.device).masked_fill(~mask, torch.finfo(keys.dtype).min)
-    extra = prefix.log_weights.to(dtype=mask.dtype, device=mask.device).expand(*mask.shape[:-1], entries)
-    return torch.cat([extra, mask], dim=-1)
+def _attend_prefix(query: torch.Tensor, prefix: KVPrefix, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, heads, queries, head_dim) attention output of `query` over the prefix alone, and
+    the (batch, heads, queries) logsumexp of its logits."""
+    logits = torch.einsum("bhqd,hpd->bhqp", query, prefix.keys.to(query))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
+    if prefix.log_weights is not None:
+        logits = logits + prefix.log_weights.to(logits)
+    logsumexp = logits.logsumexp(dim=-1)
+    # with every entry weighted out, -inf - (-inf) would put NaN where the share is 0
+    probabilities = torch.exp(logits - torch.where(logsumexp.isneginf(), 0.0, logsumexp)[..., None])
+    return torch.einsum("bhqp,hpd->bhqd", probabilities.to(query.dtype), prefix.values.to(query)), logsumexp
+
+
+class _KernelLogSumExp(TorchFunctionMode):
+    """While an attention kernel runs within it, the logsumexp over the key axis of the logits
+    the kernel normalises is noted, its result unchanged: from F.scaled_dot_product_attention
+    (see `sdpa_with_logsumexp`) or from the softmax of an eager kernel."""
+
+    SOFTMAXES = (F.softmax, torch.softmax, torch.Tensor.softmax)
+
+    def __init__(self, key_length: int):
+        super().__init__()
+        self.key_length = key_length
+        self.logsumexp: torch.Tensor | None = None
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            output, logsumexp = sdpa_with_logsumexp(*args, **kwargs)
+            self._note(logsumexp)
+            return output
+        if func in self.SOFTMAXES:
+            logits, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim")
+            if dim is not None and dim % logits.dim() == logits.dim() - 1 and logits.shape[-1] == self.key_length:
+                self._note(logits.to(torch.promote_types(logits.dtype, torch.float32)).logsumexp(dim=-1))
+        return func(*args, **kwargs)
+
+    def _note(self, logsumexp: torch.Tensor) -> None:
+        if self.logsumexp is not None:
+            raise RuntimeError("the attention kernel ran two softmaxes over its keys: a key/value prefix cannot be merged with it")
+        self.logsumexp = logsumexp
+
+
+def sdpa_with_logsumexp(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F.scaled_dot_product_attention's output, bit for bit, and the (..., queries) logsumexp of its
+    scaled, masked logits. Where F.scaled_dot_product_attention itself would run the CPU flash
+    kernel, that kernel is called as it calls it (boolean masks made additive) and gives the
+    logsumexp for free; elsewhere the output comes from F.scaled_dot_product_attention and the
+    logsumexp is computed from the logits."""
+    plain = all(type(tensor) is torch.Tensor for tensor in (query, key, value, attn_mask) if tensor is not None)
+    if plain and query.device.type == "cpu" and not enable_gqa and SDPBackend(torch._fused_sdp_choice(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale
+    )) == SDPBackend.FLASH_ATTENTION:
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+        )
+        return output, logsumexp
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+    logits = torch.matmul(query, key.transpose(-2, -1))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * (scale if scale is not None else query.shape[-1] ** -0.5)
+    if is_causal:
+        logits = logits.masked_fill(~torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    return output, logits.logsumexp(dim=-1)
 
 
 def take_tokens(x: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
@@ -158,10 +245,12 @@ class _Skipped(nn.Module):
 class Adapter(ABC):
     family: ClassVar[str]
     modality: ClassVar[str]  # "image" or "text": which calibration samples it takes
+    has_kv_cache: ClassVar[bool] = False  # a causal LM: generates through a KV cache (quantsink.kv_cache)
 
     def __init__(self, model: nn.Module, source: ModelSource):
         self.model = model.eval()
         self.source = source
+        self._deletions: list[TokenDeletion] = []  # in force, see delete_tokens_at
 
     # --- construction -------------------------------------------------------------------
     @classmethod
@@ -208,17 +297,27 @@ class Adapter(ABC):
 
     # --- data ---------------------------------------------------------------------------
     @abstractmethod
-    def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+    def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Raw samples (PIL images or strings) -> a batch of model inputs, with the
-        preprocessing the model was trained with."""
+        preprocessing the model was trained with; text is cut at `max_length` tokens when given
+        (images ignore it)."""
 
     @abstractmethod
     def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the model and return the (batch, dim) embedding fidelity is measured on."""
 
     def token_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """(batch, tokens) bool mask of real tokens in block outputs, or None when all are real."""
+        """(batch, tokens) bool mask of real tokens in block outputs, or None when all are real;
+        with tokens deleted, `block_output_tokens` gives it for a block's output."""
         return None
+
+    def block_output_tokens(self, block_index: int, per_token: torch.Tensor) -> torch.Tensor:
+        """`per_token` (batch, tokens, ...), one entry per token of the full sequence (e.g. the
+        `token_mask`), for the tokens of block `block_index`'s output in the last forward: the
+        ones the token deletions in force kept there."""
+        for deletion in sorted(self._deletions, key=lambda deletion: deletion.block_index):
+            per_token = deletion.tokens_at_output(block_index, per_token)
+        return per_token
 
     # --- sequence edits (RegCache) -------------------------------------------------------
     def set_kv_prefix(self, block_index: int, prefix: KVPrefix | None) -> None:
@@ -310,7 +409,7 @@ class Adapter(ABC):
 
     # --- what a family tells the sequence edits -------------------------------------------
     def _editable_attention(self, block_index: int) -> nn.Module:
-        """The module of a block whose keys and values go through `edit_attention`, made to do so."""
+        """The module of a block whose attention runs through `attend`, made to do so."""
         raise UserError(f"the {self.family} adapter cannot edit attention (no key/value prefix, no KV observers)")
 
     def _call_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
@@ -395,13 +494,25 @@ class TokenDeletion:
         self._handles = [blocks[block_index].register_forward_pre_hook(self._delete, with_kwargs=True)]
         self._handles += [block.register_forward_pre_hook(self._follow, with_kwargs=True) for block in blocks[block_index + 1 :]]
         if refill == "neighbours":
-            self._handles.append(blocks[-1].register_forward_hook(self._refill))
+            # first, so that whatever else watches the last block sees the refilled sequence
+            self._handles.append(blocks[-1].register_forward_hook(self._refill, prepend=True))
         self._handles += adapter._follow_deletion(self)
+        adapter._deletions.append(self)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self in self.adapter._deletions:
+            self.adapter._deletions.remove(self)
+
+    def tokens_at_output(self, block_index: int, per_token: torch.Tensor) -> torch.Tensor:
+        """`per_token` (batch, tokens entering the deletion, ...) for the tokens of block
+        `block_index`'s output in the last forward."""
+        refilled = self.refill == "neighbours" and block_index == self.adapter.num_blocks - 1
+        if block_index < self.block_index or refilled:
+            return per_token
+        return take_tokens(per_token, self.kept, 1)
 
     def _delete(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         hidden = args[0]

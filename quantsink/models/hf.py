@@ -44,13 +44,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from quantsink.errors import CheckpointError, ModelLoadError, UserError
 from quantsink.io import MANIFEST
-from quantsink.models.base import Adapter, ModelSource, TokenDeletion, edit_attention, register_adapter, take_tokens
+from quantsink.models.base import Adapter, ModelSource, TokenDeletion, attend, register_adapter, take_tokens
 
 logger = logging.getLogger(__name__)
 
-# Attention edits (quantsink.models.base.edit_attention) go in through transformers' attention-
-# function registry: "quantsink_sdpa" and "quantsink_eager" hand keys, values and mask to
-# edit_attention and then run the kernel they are named after, with that kernel's mask format.
+# Attention edits (quantsink.models.base.attend) go in through transformers' attention-function
+# registry: "quantsink_sdpa" and "quantsink_eager" run the kernel they are named after, with that
+# kernel's mask format, through `attend`.
 EDITED_KERNEL = "quantsink_"
 EDITABLE_KERNELS = ("eager", "sdpa")
 
@@ -58,12 +58,22 @@ EDITABLE_KERNELS = ("eager", "sdpa")
 def _edited_attention(kernel: str):
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any):
-        key, value, attention_mask = edit_attention(module, key, value, attention_mask)
         if kernel == "eager":  # each modeling file has its own eager function, not in the registry
             run = sys.modules[type(module).__module__].eager_attention_forward
         else:
             run = ALL_ATTENTION_FUNCTIONS[kernel]
-        return run(module, query, key, value, attention_mask, **kwargs)
+        # eager's attention weights, when asked for, cover the sequence's own keys, not a prefix
+        weights = None
+
+        def own_attention(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            nonlocal weights
+            output, weights = run(module, query, key, value, mask, **kwargs)
+            return output.transpose(1, 2)  # transformers' kernels give (batch, queries, heads, head_dim)
+
+        scale = kwargs.get("scaling")
+        scale = query.shape[-1] ** -0.5 if scale is None else scale  # sdpa's default
+        output = attend(module, query, key, value, attention_mask, scale, own_attention)
+        return output.transpose(1, 2), weights
 
     return attention
 
@@ -223,7 +233,7 @@ class HFAdapter(Adapter):
         )
 
     # --- data ---------------------------------------------------------------------------
-    def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+    def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
         # not every image processor converts grayscale or RGBA (SigLIP 2's does not)
         return dict(self.processor(images=[image.convert("RGB") for image in samples], return_tensors="pt"))
 
@@ -384,13 +394,13 @@ class HFBertTextAdapter(HFAdapter):
             "over the input's attention mask, outside the model"
         )
 
-    def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+    def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
         if self.processor is None:
             raise UserError(
                 f"{self.source.spec} has no tokenizer: load the model from its folder (with its tokenizer files) "
                 "or pass processor=AutoTokenizer.from_pretrained(...) to from_module"
             )
-        return dict(self.processor(list(samples), padding=True, truncation=True, return_tensors="pt"))
+        return dict(self.processor(list(samples), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
     @torch.no_grad()
     def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

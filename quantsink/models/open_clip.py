@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quantsink.errors import ModelLoadError, UserError
-from quantsink.models.base import Adapter, ModelSource, edit_attention, register_adapter
+from quantsink.models.base import Adapter, ModelSource, attend, register_adapter
 from quantsink.models.hub import hub_file
 
 logger = logging.getLogger(__name__)
@@ -101,14 +101,14 @@ class SplitMultiheadAttention(nn.Module):
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = ~attn_mask  # nn.MultiheadAttention masks True positions, SDPA keeps them
         batch, length, _ = query.shape
-        keys, values, attn_mask = edit_attention(self, self._heads(self.k_proj(key)), self._heads(self.v_proj(value)), attn_mask)
-        output = F.scaled_dot_product_attention(
-            self._heads(self.q_proj(query)),
-            keys,
-            values,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        query = self._heads(self.q_proj(query))
+        dropout = self.dropout if self.training else 0.0
+
+        def own_attention(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout)
+
+        keys, values = self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
+        output = attend(self, query, keys, values, attn_mask, query.shape[-1] ** -0.5, own_attention)
         output = self.out_proj(output.transpose(1, 2).reshape(batch, length, self.embed_dim))
         return (output if self.batch_first else output.transpose(0, 1)), None
 
@@ -216,7 +216,7 @@ class OpenCLIPAdapter(Adapter):
         return self.attention(block_index)
 
     # --- data ---------------------------------------------------------------------------
-    def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+    def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.stack([self.transform(image) for image in samples])}
 
     @torch.no_grad()

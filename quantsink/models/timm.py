@@ -22,33 +22,32 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from quantsink.errors import ModelLoadError, UserError
-from quantsink.models.base import Adapter, ModelSource, edit_attention, register_adapter
+from quantsink.models.base import Adapter, ModelSource, attend, register_adapter
 from quantsink.models.hub import hub_file
 
 logger = logging.getLogger(__name__)
 
 
 class EditableAttention(Attention):
-    """timm's Attention whose keys and values, after the key norm, go through `edit_attention`.
-    Without edits it computes exactly what Attention computes."""
+    """timm's Attention that runs its attention, after the key norm, through `attend`. Without
+    edits it computes exactly what Attention computes."""
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         batch, length, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        prefixed = k.shape[-2]
-        k, v, attn_mask = edit_attention(self, k, v, attn_mask)
-        if is_causal and k.shape[-2] != prefixed:
-            raise UserError("a key/value prefix cannot be combined with causal attention")
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
-            )
-        else:
+
+        def own_attention(k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+            if self.fused_attn:
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
+                )
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(length, attn, attn_mask, is_causal))
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+            return self.attn_drop(attn.softmax(dim=-1)) @ v
+
+        x = attend(self, q, k, v, attn_mask, self.scale, own_attention)
         x = self.norm(x.transpose(1, 2).reshape(batch, length, self.attn_dim))
         if gate is not None:
             x = x * gate
@@ -143,7 +142,7 @@ class TimmViTAdapter(Adapter):
         return attention
 
     # --- data ---------------------------------------------------------------------------
-    def preprocess(self, samples: list[Any]) -> dict[str, torch.Tensor]:
+    def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
         # timm's eval transform expects RGB and, unlike transformers and open_clip, does not convert
         return {"pixel_values": torch.stack([self.transform(image.convert("RGB")) for image in samples])}
 

@@ -70,14 +70,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from quantsink import io
 from quantsink.data import bundled_root
 from quantsink.errors import UserError
 
@@ -236,6 +239,16 @@ def build_planted_llama(seed: int = 0, knobs: Knobs = Knobs()) -> tuple[LlamaFor
     with torch.no_grad():
         builder.build()
     return builder.model, tokenizer
+
+
+def save_planted_llama(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the planted Llama as a Hugging Face model folder (config.json, safetensors weights,
+    tokenizer files), the form `quantsink quantize FOLDER ...` takes a real checkpoint in."""
+    model, tokenizer = build_planted_llama(seed)
+    with io.atomic_output_dir(folder) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return Path(folder)
 
 
 def _orthonormal_rows(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:

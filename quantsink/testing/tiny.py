@@ -3,6 +3,9 @@ the same code paths as full-size checkpoints in a fraction of a second.
 
 Sizes: width 64, 4 layers, 4 heads; images 32x32 in 8x8 patches (SigLIP 2: at most 16 patches).
 The text model keeps the real all-MiniLM-L6-v2 tokenizer, hence BERT's 30522-word vocabulary.
+The causal LMs (`build_tiny_causal_lm`, one per supported `model_type`) have 2 key/value heads
+for 4 query heads where the architecture allows grouped-query attention, and the word-level
+tokenizer of the planted Llama (trained on the bundled prose, about 1,500 words).
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from dataclasses import asdict
 import torch
 from open_clip.model import CLIPVisionCfg
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     BertConfig,
     BertModel,
     CLIPVisionConfig,
@@ -26,6 +31,7 @@ from transformers import (
 
 from quantsink.errors import UserError
 from quantsink.models.base import Adapter
+from quantsink.models.causal_lm import HFCausalLMAdapter
 from quantsink.models.catalog import SHORT_NAMES
 from quantsink.models.hf import (
     HFBertTextAdapter,
@@ -109,4 +115,49 @@ def build_tiny(family: str, seed: int = 0) -> Adapter:
         torch.manual_seed(seed)
         adapter = _BUILDERS[family]()
     adapter.source.spec = f"tiny:{family}"
+    return adapter
+
+
+# Per model_type, what differs from Llama's config fields; every config class takes these names.
+_CAUSAL_LM_CONFIGS: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": WIDTH // HEADS},
+    "phi3": {},
+    "gpt_neox": {"rotary_pct": 0.5},  # partial rotary: half of each head's channels are not rotated
+}
+TINY_CAUSAL_LMS: tuple[str, ...] = tuple(_CAUSAL_LM_CONFIGS)
+
+
+def build_tiny_causal_lm(model_type: str = "llama", seed: int = 0, layers: int = 2) -> HFCausalLMAdapter:
+    """A tiny causal LM of `model_type` (see TINY_CAUSAL_LMS) in its quantsink adapter, weights
+    drawn from `seed`, with the planted Llama's word-level tokenizer."""
+    from quantsink.testing.planted_llm import build_tokenizer  # builds the vocabulary: only when asked
+
+    if model_type not in _CAUSAL_LM_CONFIGS:
+        raise UserError(f"no tiny causal LM of type {model_type!r}: known {', '.join(TINY_CAUSAL_LMS)}")
+    tokenizer = build_tokenizer()
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=WIDTH,
+        intermediate_size=2 * WIDTH,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS // 2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = AutoConfig.for_model(model_type, **sizes, **_CAUSAL_LM_CONFIGS[model_type])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    from quantsink.models import resolve
+
+    adapter = resolve(model)
+    adapter.processor = tokenizer
+    adapter.source.spec = f"tiny:{model_type}"
     return adapter

@@ -1,0 +1,156 @@
+"""Adapters for transformers decoder-only language models (the hosts of KV-cache quantization).
+
+Three layouts cover the families quantsink supports:
+
+* `hf-llama`: Llama and its descendants whose modeling files are copies of Llama's: Mistral,
+  Qwen2 and Qwen3 (Qwen3 adds a norm on each query and key head before RoPE). Separate q/k/v
+  projections, gated MLP (`up_proj` -> `down_proj`), the decoder at `model`.
+* `hf-phi3`: Phi-3, with fused `qkv_proj` and `gate_up_proj`.
+* `hf-gpt-neox`: GPT-NeoX / Pythia, with fused `query_key_value`, partial rotary embedding
+  (`rotary_pct`), parallel residual, the decoder at `gpt_neox`, and the cache handed to each
+  layer as `layer_past`.
+
+What the rest of quantsink needs from an LM beyond the encoder view: the residual stream of each
+decoder block (KVSink's profiler reads it), how a block receives the KV cache (KVSink's predictor
+hands the cache its sink scores from inside the forward), and the rotary embedding (pre-RoPE key
+quantization un-rotates keys with it). Inputs are left-padded, as generation needs.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import (
+    AutoTokenizer,
+    GPTNeoXForCausalLM,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Phi3ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
+
+from quantsink.errors import UserError
+from quantsink.models.base import ModelSource, register_adapter
+from quantsink.models.hf import HFAdapter
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+class HFCausalLMAdapter(HFAdapter):
+    """A transformers `*ForCausalLM` whose decoder blocks are `<decoder_attr>.layers[i]`."""
+
+    modality = "text"
+    has_kv_cache = True
+    leading_tokens = 0  # a BOS token is an ordinary position: it may be a sink, and it is quantized
+    mask_input = "attention_mask"
+    decoder_attr: ClassVar[str] = "model"
+    cache_argument: ClassVar[str] = "past_key_values"  # the keyword a decoder block gets the cache under
+    fc1_path = "mlp.up_proj"
+    fc2_path = "mlp.down_proj"
+
+    def __init__(self, model: nn.Module, source: ModelSource, processor: Any):
+        super().__init__(model, source, processor)
+        if processor is not None:
+            _prepare_for_batches(processor)
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def architecture(cls, config: PretrainedConfig) -> tuple[type[PreTrainedModel], PretrainedConfig]:
+        return cls.model_class(config), config
+
+    @classmethod
+    def default_processor(cls, config: PretrainedConfig) -> Any:
+        return None  # a tokenizer is vocabulary files, not config: it comes from the model's folder
+
+    @classmethod
+    def load_processor(cls, folder: Path) -> Any:
+        folder = Path(folder)
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        return AutoTokenizer.from_pretrained(folder)
+
+    # --- structure ----------------------------------------------------------------------
+    @property
+    def decoder(self) -> nn.Module:
+        return getattr(self.model, self.decoder_attr)
+
+    def _layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def rotary_embedding(self) -> nn.Module:
+        """The module that gives (cos, sin) for position ids, as the attention layers apply them."""
+        return self.decoder.rotary_emb
+
+    def cache_of_call(self, kwargs: dict[str, Any]) -> Any:
+        """The KV cache a decoder block was called with (its keyword arguments), or None."""
+        return kwargs.get(self.cache_argument)
+
+    # --- data ---------------------------------------------------------------------------
+    def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        if self.processor is None:
+            raise UserError(
+                f"{self.source.spec} has no tokenizer: load the model from its folder (with its tokenizer files) "
+                "or pass processor=AutoTokenizer.from_pretrained(...) to from_module"
+            )
+        if not all(isinstance(sample, str) for sample in samples):
+            raise UserError(f"{self.source.spec} is a language model: calibrate it on text (a .txt file or folder), not images")
+        truncation = {"truncation": True, "max_length": max_length} if max_length is not None else {}
+        encoded = self.processor(list(samples), padding=True, return_tensors="pt", **truncation)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    @torch.no_grad()
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-token logits averaged over each row's real tokens: every layer, lm_head included,
+        shows in it."""
+        logits = self.model(**inputs, use_cache=False).logits.float()
+        mask = inputs["attention_mask"].unsqueeze(-1).to(logits.dtype)
+        return (logits * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _prepare_for_batches(tokenizer: Any) -> None:
+    """Causal LMs generate from the right end of every row, so rows are padded on the left; many
+    LM tokenizers have no pad token, and padding positions are masked, so EOS serves."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError("the tokenizer has neither a pad nor an EOS token: give it a pad_token to batch calibration text")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+@register_adapter
+class HFLlamaAdapter(HFCausalLMAdapter):
+    family = "hf-llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_classes = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
+
+
+@register_adapter
+class HFPhi3Adapter(HFCausalLMAdapter):
+    family = "hf-phi3"
+    model_types = ("phi3",)
+    model_classes = (Phi3ForCausalLM,)
+    fc1_path = "mlp.gate_up_proj"
+
+
+@register_adapter
+class HFGPTNeoXAdapter(HFCausalLMAdapter):
+    family = "hf-gpt-neox"
+    model_types = ("gpt_neox",)
+    model_classes = (GPTNeoXForCausalLM,)
+    decoder_attr = "gpt_neox"
+    cache_argument = "layer_past"
+    attention_path = "attention"
+    fc1_path = "mlp.dense_h_to_4h"
+    fc2_path = "mlp.dense_4h_to_h"
