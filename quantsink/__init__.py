@@ -7,6 +7,7 @@ from quantsink.quantizers import torchao_backend as _torchao  # noqa: F401  (reg
 from quantsink.quantizers import quanto_backend as _quanto  # noqa: F401  (registers the quanto backend)
 from quantsink.methods import regcache as _regcache  # noqa: F401  (registers the regcache method)
 from quantsink.methods import kvsink as _kvsink  # noqa: F401  (registers the kvsink method)
+from quantsink.methods import kv_static as _kv_static  # noqa: F401  (registers the kv-static method)
 from quantsink import compressed_tensors_format as _compressed_tensors  # noqa: F401  (registers the export format)
 from quantsink.api import QuantizationResult, evaluate_kv_cache, kv_cache, load, quantize
 from quantsink.kvcache import SinkQuantizedCache

@@ -8,7 +8,8 @@ What it writes, as llm-compressor does:
   weights and inputs) or `naive-quantized` (other widths), quantization_status `compressed`;
 - model.safetensors: each quantized Linear as `weight` (the integers, int8), `weight_scale`,
   `weight_zero_point` (asymmetric only), `input_scale` and `input_zero_point` (static inputs;
-  the zero point only when asymmetric), `bias`; KV-cache scales as their method names them;
+  the zero point only when asymmetric), `bias`; KV-cache scales as their method names them (one
+  pair for each attention compressed-tensors hooks, no other);
   everything else as the model holds it.
 
 quantsink.json, beside it, holds what the format cannot say (recipe, the methods' state and
@@ -35,7 +36,7 @@ from quantsink.errors import CheckpointError, UserError
 from quantsink.export import ExportFormat
 from quantsink.models.base import Adapter
 from quantsink.quantizers.fake import FakeQuantLinear, weight_rows
-from quantsink.quantizers.functional import dequantize
+from quantsink.quantizers.functional import dequantize, fake_quantize
 from quantsink.quantizers.int8 import Int8Linear, grid_weight
 from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
 from quantsink.registry import EXPORT_FORMATS
@@ -59,6 +60,16 @@ class CompressedTensorsKVCache(Protocol):
 def grid_shift(bits: int, symmetric: bool) -> int:
     """What moves quantsink's integers onto compressed-tensors' signed grid."""
     return 0 if symmetric else 2 ** (bits - 1)
+
+
+def fake_quantize_signed_grid(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static symmetric fake quantization as compressed-tensors computes it when transformers
+    loads a checkpoint (`forward_quantize`): round(clamp(x / scale, -2^(b-1), 2^(b-1) - 1)) *
+    scale, in x's dtype with the scale cast to it, as a loaded model holds its scales. That grid
+    is quantsink's asymmetric one moved down by `grid_shift`, so that shift as the zero point gives
+    the same values (clamping before or after rounding agrees on integer bounds)."""
+    scale = scale.to(x)
+    return fake_quantize(x, scale, torch.full_like(scale, grid_shift(bits, symmetric=False)), bits, symmetric=False)
 
 
 def weight_scheme(args: WeightArgs) -> dict[str, Any]:
@@ -143,6 +154,22 @@ def kv_cache_export(result: "QuantizationResult") -> tuple[Optional[dict[str, An
     return exporters[0].compressed_tensors_kv_cache(result.adapter)
 
 
+def check_kv_cache_targets(model: nn.Module, kv_tensors: dict[str, torch.Tensor]) -> None:
+    """A kv_cache_scheme applies to every attention that compressed-tensors recognises, and to no
+    other: the KV tensors must name exactly those, or a loader would skip some scales and run
+    other attentions on uninitialised ones."""
+    from compressed_tensors.quantization import is_cached_attention_module
+
+    recognised = {name for name, module in model.named_modules() if is_cached_attention_module(module)}
+    named = {key.rpartition(".")[0] for key in kv_tensors}
+    if named != recognised:
+        unknown = sorted(named - recognised)
+        problem = (f"{unknown[0]} is not an attention it recognises (k_proj/v_proj or qkv_proj, called with past_key_values)"
+                   if unknown else f"{sorted(recognised - named)[0]} has no KV scales")
+        raise UserError(f"compressed-tensors applies a kv_cache_scheme to the attentions it recognises, and {problem}: "
+                        "use export.format int8 or fake-quant")
+
+
 def save_compressed_tensors(
     model: nn.Module,
     config: QuantizationConfig,
@@ -162,6 +189,8 @@ def save_compressed_tensors(
         raise UserError("the quantized output projection is tied to the input embeddings, which stay in float: "
                         "add it to quantization.ignore (e.g. lm_head)")
     kv_cache_scheme, kv_tensors = kv_cache
+    if kv_cache_scheme is not None:
+        check_kv_cache_targets(model, kv_tensors)
     tensors = model.state_dict()
     for name, module in model.named_modules():
         if isinstance(module, (FakeQuantLinear, Int8Linear)):

@@ -18,11 +18,13 @@ quantization un-rotates keys with it). Inputs are left-padded, as generation nee
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import (
     AutoTokenizer,
     GPTNeoXForCausalLM,
@@ -42,6 +44,9 @@ from quantsink.models.hf import HFAdapter
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+# (keys, values) -> (keys, values), on what an attention hands its KV cache
+KVTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class HFCausalLMAdapter(HFAdapter):
@@ -89,6 +94,12 @@ class HFCausalLMAdapter(HFAdapter):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def num_key_value_heads(self) -> int:
+        """Heads of the keys and values an attention hands its cache (fewer than the query heads
+        under grouped-query attention)."""
+        return self.model.config.num_key_value_heads
+
     def rotary_embedding(self) -> nn.Module:
         """The module that gives (cos, sin) for position ids, as the attention layers apply them."""
         return self.decoder.rotary_emb
@@ -96,6 +107,18 @@ class HFCausalLMAdapter(HFAdapter):
     def cache_of_call(self, kwargs: dict[str, Any]) -> Any:
         """The KV cache a decoder block was called with (its keyword arguments), or None."""
         return kwargs.get(self.cache_argument)
+
+    def transform_kv(self, block_index: int, transform: KVTransform) -> RemovableHandle:
+        """From now on, the keys and values that block `block_index`'s attention hands its cache
+        (after RoPE, (batch, key/value heads, new tokens, head_dim)) go through
+        `transform(keys, values) -> (keys, values)` first; without a cache, the attention uses
+        what `transform` gives. `.remove()` the handle to undo it. Each family's attention takes
+        the cache under the same keyword as its block, `cache_argument`."""
+
+        def wrap_cache(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+            return args, {**kwargs, self.cache_argument: _TransformingCache(kwargs.get(self.cache_argument), transform)}
+
+        return self.attention(block_index).register_forward_pre_hook(wrap_cache, with_kwargs=True)
 
     # --- data ---------------------------------------------------------------------------
     def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
@@ -117,6 +140,21 @@ class HFCausalLMAdapter(HFAdapter):
         logits = self.model(**inputs, use_cache=False).logits.float()
         mask = inputs["attention_mask"].unsqueeze(-1).to(logits.dtype)
         return (logits * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class _TransformingCache:
+    """What an attention gets in place of its cache (None included): attentions only call
+    `update(keys, values, layer_idx, ...)` on it, which transforms the keys and values and then
+    hands them to the real cache, or back to the attention when there is none."""
+
+    def __init__(self, cache: Any, transform: KVTransform):
+        self.cache, self.transform = cache, transform
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.transform(keys, values)
+        if self.cache is None:
+            return keys, values
+        return self.cache.update(keys, values, *args, **kwargs)
 
 
 def _prepare_for_batches(tokenizer: Any) -> None:
@@ -154,3 +192,7 @@ class HFGPTNeoXAdapter(HFCausalLMAdapter):
     attention_path = "attention"
     fc1_path = "mlp.dense_h_to_4h"
     fc2_path = "mlp.dense_4h_to_h"
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.model.config.num_attention_heads  # no grouped-query attention, whatever the config holds
