@@ -31,6 +31,7 @@ from quantsink.recipe import Recipe
 from quantsink.testing.planted_llm import planted_segments, save_planted_llama
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "planted-llama-kv2-kvsink.yaml"
+PARTS = ("perplexity", "overhead", "decode")
 STRATEGIES = {
     "none": {"method": "none"},
     "pfn-1": {"method": "pfn", "num_sinks": 1},
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which measurements to run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -184,22 +186,32 @@ def main() -> None:
     print(f"kvsink profile: emergence block {profile.emergence_layer}, channels {profile.channels}, "
           f"peak {profile.peak:.1f} = {profile.peak / profile.scale:.0f}x a typical token's RMS")
     segments = planted_segments(result.adapter.processor, "heldout")[: args.segments]
-    perplexity_table(result, segments, args.chunk_size)
-    baseline_table(result, segments, args.chunk_size)
+    if "perplexity" in args.parts:
+        perplexity_table(result, segments, args.chunk_size)
+        baseline_table(result, segments, args.chunk_size)
+    wide, wide_profile = wide_llama()
 
+    if "overhead" in args.parts:
+        overhead_table(result.adapter, profile, segments, wide, wide_profile, args)
+    if "decode" in args.parts:
+        decode_table(wide, wide_profile, args)
+
+
+def overhead_table(adapter, profile, segments, wide, wide_profile, args) -> None:
     print(f"\n## KVSink prediction overhead at prefill ({args.threads} threads, median of {args.repeats})")
     print("| model | prompt | prefill, 2-bit kvsink-5 | prefill, 2-bit pfn-5 | ratio | predictor alone | share |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    wide, wide_profile = wide_llama()
-    for label, adapter, model_profile, ids in (
-        ("planted Llama (hidden 256, 6 layers)", result.adapter, profile, segments[:8]),
+    for label, model_adapter, model_profile, ids in (
+        ("planted Llama (hidden 256, 6 layers)", adapter, profile, segments[:8]),
         ("Llama 1B width (hidden 2048, 4 layers, random)", wide, wide_profile, torch.randint(0, 32000, (1, 512))),
     ):
-        measured = prediction_overhead(adapter, model_profile, ids, args.repeats)
+        measured = prediction_overhead(model_adapter, model_profile, ids, args.repeats)
         print(f"| {label} | {ids.shape[0]} x {ids.shape[1]} | {measured['kvsink'] * 1e3:.1f} ms | {measured['pfn-5'] * 1e3:.1f} ms | "
               f"{measured['kvsink'] / measured['pfn-5']:.3f}x | {measured['predictor'] * 1e3:.3f} ms | "
               f"{measured['predictor'] / measured['kvsink']:.2%} |")
 
+
+def decode_table(wide, wide_profile, args) -> None:
     print(f"\n## decode step latency, Llama 1B width (4 layers, random), prompt 512, 64 new tokens, batch 1")
     print("| cache | ms per decode step | vs DynamicCache |")
     print("| --- | ---: | ---: |")

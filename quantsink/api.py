@@ -33,7 +33,7 @@ from quantsink.models.base import Adapter
 from quantsink.quantizers.base import Quantizer
 from quantsink.recipe import KVCacheConfig, Recipe
 from quantsink.methods.base import Method, MethodContext
-from quantsink.registry import METHODS, QUANTIZERS
+from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,11 @@ def quantize(
     spec = model if model is not None else recipe.model
     if spec is None:
         raise UserError("no model given: pass MODEL or set 'model:' in the recipe")
+    if recipe.quantization is not None:
+        # refuse an export that cannot hold this quantization before any calibration is spent on it
+        problem = EXPORT_FORMATS.get(recipe.export.format).check(recipe.quantization)
+        if problem is not None:
+            raise UserError(problem)
     adapter = resolve(spec)
     if recipe.kv_cache is not None:
         require_kv_cache(adapter)

@@ -4,13 +4,22 @@
 What it writes, as llm-compressor does:
 - config.json: the model's config plus `quantization_config`: quant_method
   "compressed-tensors", one config group targeting `Linear`, `ignore` naming every Linear left in
-  float, `kv_cache_scheme` (null unless a method exports one), format `int-quantized` (8-bit
-  weights and inputs) or `naive-quantized` (other widths), quantization_status `compressed`;
-- model.safetensors: each quantized Linear as `weight` (the integers, int8), `weight_scale`,
-  `weight_zero_point` (asymmetric only), `input_scale` and `input_zero_point` (static inputs;
-  the zero point only when asymmetric), `bias`; KV-cache scales as their method names them (one
-  pair for each attention compressed-tensors hooks, no other);
-  everything else as the model holds it.
+  float, `kv_cache_scheme` (null unless a method exports one), quantization_status `compressed`,
+  and the format compressed-tensors' own `infer_module_format` picks for the scheme, also set
+  on the group: loaders infer each layer's format from its scheme and never read the top-level
+  one, so a layout other than the inferred one does not load. That is `int-quantized` when
+  inputs are quantized and `pack-quantized` for weight-only;
+- model.safetensors: each quantized Linear's weight as int8 `weight` (int-quantized) or as
+  `weight_packed` (the integers packed into int32 by compressed-tensors' `pack_to_int32`) and
+  `weight_shape` (pack-quantized), then `weight_scale`, `weight_zero_point` (asymmetric only),
+  `input_scale` and `input_zero_point` (static inputs; the zero point only when asymmetric),
+  `bias`; KV-cache scales as their method names them (one pair for each attention
+  compressed-tensors hooks, no other); everything else as the model holds it.
+
+pack-quantized packs asymmetric zero points per channel or per group too, and transformers
+cannot load those (compressed-tensors 0.20 builds the model's zero points unpacked, then unpacks
+what it loaded; llm-compressor issue 1618), so asymmetric weight-only exports other than per
+tensor are refused.
 
 quantsink.json, beside it, holds what the format cannot say (recipe, the methods' state and
 tensors, the quantizer's state), and `quantsink.load` reads the same folder.
@@ -82,39 +91,80 @@ def input_scheme(args: ActivationArgs) -> dict[str, Any]:
             "dynamic": args.dynamic}
 
 
+def config_group(config: QuantizationConfig) -> dict[str, Any]:
+    group = {"targets": ["Linear"], "weights": weight_scheme(config.weights)}
+    if config.activations is not None:
+        group["input_activations"] = input_scheme(config.activations)
+    return group
+
+
+def compression_format(config: QuantizationConfig) -> str:
+    """The format compressed-tensors infers for a Linear quantized as `config`, as llm-compressor
+    picks it: the layout a loader expects."""
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme
+
+    return infer_module_format(nn.Linear, QuantizationScheme.model_validate(config_group(config))).value
+
+
 def quantization_config(config: QuantizationConfig, ignore: list[str], kv_cache_scheme: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The `quantization_config` of config.json, validated by compressed-tensors' own schema."""
     from compressed_tensors.quantization import QuantizationConfig as CTConfig
 
-    group = {"targets": ["Linear"], "weights": weight_scheme(config.weights)}
-    if config.activations is not None:
-        group["input_activations"] = input_scheme(config.activations)
-    int_quantized = config.weights.bits == 8 and config.activations is not None and config.activations.bits == 8
+    layout = compression_format(config)
     return CTConfig.model_validate({
-        "config_groups": {"group_0": group},
+        "config_groups": {"group_0": {**config_group(config), "format": layout}},
         "ignore": ignore,
         "kv_cache_scheme": kv_cache_scheme,
-        "format": "int-quantized" if int_quantized else "naive-quantized",
+        "format": layout,
         "quantization_status": "compressed",
     })
 
 
-def compressed_layer(module: FakeQuantLinear | Int8Linear) -> dict[str, torch.Tensor]:
-    """A quantized Linear's tensors under compressed-tensors' names."""
-    if isinstance(module, Int8Linear):
-        return module.state_dict()  # symmetric int8: already the int-quantized layout
+def compressed_layer(module: FakeQuantLinear | Int8Linear, layout: str) -> dict[str, torch.Tensor]:
+    """A quantized Linear's tensors under compressed-tensors' names, in format `layout`."""
+    from compressed_tensors.compressors import pack_to_int32
+
     weights, inputs = module.weight_args, module.activation_args
-    shift = grid_shift(weights.bits, weights.symmetric)
-    tensors = {"weight": (grid_weight(module) - shift).to(torch.int8), "weight_scale": module.weight_scale}
-    if not weights.symmetric:
-        tensors["weight_zero_point"] = (module.weight_zero_point - shift).to(torch.int8)
-    if module.quantizes_static_input:
-        tensors["input_scale"] = module.input_scale
-        if not inputs.symmetric:
-            tensors["input_zero_point"] = (module.input_zero_point - grid_shift(inputs.bits, False)).to(torch.int8)
-    if module.bias is not None:
-        tensors["bias"] = module.bias
+    if isinstance(module, Int8Linear):
+        tensors = module.state_dict()  # symmetric int8: already the int-quantized layout
+    else:
+        shift = grid_shift(weights.bits, weights.symmetric)
+        tensors = {"weight": (grid_weight(module) - shift).to(torch.int8), "weight_scale": module.weight_scale}
+        if not weights.symmetric:
+            tensors["weight_zero_point"] = (module.weight_zero_point - shift).to(torch.int8)
+        if module.quantizes_static_input:
+            tensors["input_scale"] = module.input_scale
+            if not inputs.symmetric:
+                tensors["input_zero_point"] = (module.input_zero_point - grid_shift(inputs.bits, False)).to(torch.int8)
+        if module.bias is not None:
+            tensors["bias"] = module.bias
+    if layout == "pack-quantized":
+        weight = tensors.pop("weight")
+        tensors["weight_packed"] = pack_to_int32(weight, weights.bits)
+        tensors["weight_shape"] = torch.tensor(weight.shape)
     return tensors
+
+
+def unpack_layer(tensors: dict[str, torch.Tensor], name: str, module: FakeQuantLinear | Int8Linear, origin: Path) -> None:
+    """Turn a pack-quantized layer's `weight_packed` and `weight_shape` in `tensors` back into the
+    int-quantized `weight` (int8 on the signed grid); other layers are left as they are."""
+    from compressed_tensors.compressors import unpack_from_int32
+
+    packed = tensors.pop(f"{name}.weight_packed", None)
+    if packed is None:
+        return
+    weights = module.weight_args
+    shape = tensors.pop(f"{name}.weight_shape", None)
+    columns = -(-module.in_features * weights.bits // 32)
+    if (packed.dtype != torch.int32 or packed.shape != (module.out_features, columns)
+            or shape is None or shape.tolist() != list(module.weight.shape)):
+        raise CheckpointError(
+            f"{origin}: {name}.weight_packed must be int32 {(module.out_features, columns)} with weight_shape "
+            f"{list(module.weight.shape)}, got {packed.dtype} {tuple(packed.shape)} and "
+            f"{None if shape is None else shape.tolist()}; re-export it"
+        )
+    tensors[f"{name}.weight"] = unpack_from_int32(packed, weights.bits, module.weight.shape)
 
 
 def restore_fake_layer(tensors: dict[str, torch.Tensor], name: str, module: FakeQuantLinear, origin: Path) -> None:
@@ -181,6 +231,9 @@ def save_compressed_tensors(
     from compressed_tensors.compressors import ModelCompressor
     from transformers import PreTrainedModel
 
+    problem = export_problem(config)
+    if problem is not None:
+        raise UserError(problem)
     if not isinstance(model, PreTrainedModel):
         raise UserError(f"export.format compressed-tensors needs a transformers model, not a {type(model).__name__}: "
                         "use export.format int8 or fake-quant")
@@ -192,11 +245,12 @@ def save_compressed_tensors(
     if kv_cache_scheme is not None:
         check_kv_cache_targets(model, kv_tensors)
     tensors = model.state_dict()
+    layout = compression_format(config)
     for name, module in model.named_modules():
         if isinstance(module, (FakeQuantLinear, Int8Linear)):
             for key in module.state_dict():
                 del tensors[f"{name}.{key}"]
-            tensors.update({f"{name}.{key}": value for key, value in compressed_layer(module).items()})
+            tensors.update({f"{name}.{key}": value for key, value in compressed_layer(module, layout).items()})
     tensors.update(kv_tensors)
     io.save_tensors(tensors, folder / io.WEIGHTS)
 
@@ -208,19 +262,26 @@ def save_compressed_tensors(
     ModelCompressor(quantization_config=quantization).update_config(str(folder))
 
 
+def export_problem(config: QuantizationConfig) -> Optional[str]:
+    """Why a model quantized as `config` cannot be written as a folder transformers loads, or None."""
+    if config.backend not in ("fake", "int8"):
+        return (f"quantization.backend is {config.backend}, export.format compressed-tensors writes the fake or "
+                "int8 backend's layers: use export.format fake-quant")
+    weights = config.weights
+    if weights is None:
+        return "quantization.weights is null, export.format compressed-tensors needs quantized weights: use fake-quant"
+    if compression_format(config) == "pack-quantized" and not weights.symmetric and weights.granularity != "per_tensor":
+        return (f"quantization.weights.symmetric is false with {weights.granularity} weights and no activations, whose "
+                "packed zero points transformers cannot load from compressed-tensors: use symmetric: true, "
+                "granularity per_tensor, or export.format fake-quant")
+    return None
+
+
 class CompressedTensorsExport(ExportFormat):
     def check(self, config: QuantizationConfig) -> Optional[str]:
-        if config.backend not in ("fake", "int8"):
-            return (f"quantization.backend is {config.backend}, export.format compressed-tensors writes the fake or "
-                    "int8 backend's layers: use export.format fake-quant")
-        if config.weights is None:
-            return "quantization.weights is null, export.format compressed-tensors needs quantized weights: use fake-quant"
-        return None
+        return export_problem(config)
 
     def write(self, result: "QuantizationResult", folder: Path) -> dict[str, Any]:
-        problem = self.check(result.recipe.quantization)
-        if problem is not None:
-            raise UserError(problem)
         kv_cache = kv_cache_export(result)
         save_compressed_tensors(result.model, result.recipe.quantization, folder, kv_cache)
         return {"kv_cache_tensors": sorted(kv_cache[1])}
@@ -230,6 +291,8 @@ class CompressedTensorsExport(ExportFormat):
         for key in manifest["quantization"].get("kv_cache_tensors", []):
             tensors.pop(key, None)  # their method restores them from methods.safetensors
         for name, module in model.named_modules():
+            if isinstance(module, (FakeQuantLinear, Int8Linear)):
+                unpack_layer(tensors, name, module, folder / io.WEIGHTS)
             if isinstance(module, FakeQuantLinear):
                 restore_fake_layer(tensors, name, module, folder / io.WEIGHTS)
         return tensors

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -14,7 +15,7 @@ import quantsink
 from quantsink import cli
 from quantsink.compressed_tensors_format import save_compressed_tensors
 from quantsink.data import load_samples
-from quantsink.errors import UserError
+from quantsink.errors import CheckpointError, UserError
 from quantsink.export import load_adapter
 from quantsink.models import resolve, save_model
 from quantsink.quantizers import int8 as int8_module
@@ -245,7 +246,7 @@ def test_compressed_tensors_asymmetric_groups_come_back_exactly(tiny_clip, tmp_p
     in_memory = quantsink.quantize(str(tiny_clip), recipe, progress=False)
     in_memory.save(out)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["format"] == "naive-quantized"
+    assert config["format"] == "int-quantized"  # llm-compressor's format for int weights with int inputs
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         weight = f.get_tensor("vision_model.encoder.layers.0.mlp.fc1.weight")
         zero_point = f.get_tensor("vision_model.encoder.layers.0.mlp.fc1.weight_zero_point")
@@ -257,6 +258,82 @@ def test_compressed_tensors_asymmetric_groups_come_back_exactly(tiny_clip, tmp_p
     with torch.no_grad():
         assert torch.allclose(hf(**calibration)[0], in_memory.model(**calibration)[0], atol=1e-6)
     assert torch.equal(load_adapter(out).embed(calibration), in_memory.adapter.embed(calibration))
+
+
+WEIGHT_ONLY = {
+    "8-bit per channel": ("fake", {"bits": 8}),
+    "4-bit per group": ("fake", {"bits": 4, "granularity": "per_group", "group_size": 16}),
+    "4-bit asymmetric per tensor": ("fake", {"bits": 4, "granularity": "per_tensor", "symmetric": False}),
+    "int8 backend": ("int8", {"bits": 8}),
+}
+
+
+@pytest.mark.parametrize("backend, weights", WEIGHT_ONLY.values(), ids=WEIGHT_ONLY.keys())
+def test_compressed_tensors_weight_only_is_packed_and_loads_in_transformers(tiny_clip, tmp_path, backend, weights):
+    from compressed_tensors.compressors import unpack_from_int32
+
+    recipe = write_recipe(tmp_path, {"backend": backend, "weights": weights, "activations": None}, "compressed-tensors")
+    out = tmp_path / "out"
+    in_memory = quantsink.quantize(str(tiny_clip), recipe, progress=False)
+    in_memory.save(out)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    (scheme,) = config["config_groups"].values()
+    # loaders infer each layer's layout from its scheme: weight-only int is pack-quantized
+    assert config["format"] == scheme["format"] == "pack-quantized"
+    assert scheme["input_activations"] is None
+
+    name = "vision_model.encoder.layers.0.mlp.fc1"
+    layer = in_memory.model.get_submodule(name)
+    bits, symmetric = weights["bits"], weights.get("symmetric", True)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        stored = {key.removeprefix(name + "."): f.get_tensor(key) for key in f.keys() if key.startswith(name + ".")}
+    assert set(stored) == {"weight_packed", "weight_shape", "weight_scale", "bias"} | ({"weight_zero_point"} if not symmetric else set())
+    assert stored["weight_packed"].dtype == torch.int32
+    assert stored["weight_packed"].shape == (layer.out_features, layer.in_features * bits // 32)
+    assert stored["weight_shape"].tolist() == [layer.out_features, layer.in_features]
+    integers = unpack_from_int32(stored["weight_packed"], bits, torch.Size(stored["weight_shape"].tolist()))
+    shift = 0 if symmetric else 2 ** (bits - 1)
+    expected = layer.weight if backend == "int8" else int8_module.grid_weight(layer) - shift
+    assert torch.equal(integers, expected.to(torch.int8))  # quantsink's integers, on the signed grid
+
+    hf = hf_class(out).from_pretrained(out).eval()
+    calibration, holdout = holdout_inputs(in_memory.adapter)
+    with torch.no_grad():
+        for inputs in (calibration, holdout):
+            got, want = hf(**inputs)[0], in_memory.model(**inputs)[0]
+            if backend == "fake":
+                # weight-only: no input rounding to differ, and compressed-tensors dequantizes to
+                # the fake backend's float weights, so the same float ops give the same bits (measured: 0)
+                assert torch.equal(got, want)
+            else:
+                # int8 runs x @ q^T then scales, the loaded float model x @ (q * scale)^T: fp32
+                # rounding of the reordered product (measured 3.1e-7)
+                assert relative_error(got, want) < 1e-6
+    assert torch.equal(load_adapter(out).embed(holdout), in_memory.adapter.embed(holdout))
+
+
+def test_a_packed_weight_of_the_wrong_width_is_refused_on_load(tiny_clip, tmp_path):
+    recipe = write_recipe(tmp_path, {"backend": "fake", "weights": {"bits": 4}, "activations": None}, "compressed-tensors")
+    out = quantsink.quantize(str(tiny_clip), recipe, progress=False).save(tmp_path / "out")
+    tensors = load_file(out / "model.safetensors")
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight_packed"
+    tensors[key] = tensors[key][:, :-1].contiguous()  # as if packed at 3 bits
+    save_file(tensors, out / "model.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        load_adapter(out)
+    message = str(error.value)
+    assert f"{key} must be int32 (256, 8)" in message and "re-export" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("granularity", [{"granularity": "per_channel"}, {"granularity": "per_group", "group_size": 16}])
+def test_compressed_tensors_refuses_asymmetric_weight_only_it_cannot_load(tiny_clip, tmp_path, capsys, granularity):
+    quantization = {"backend": "fake", "weights": {"bits": 4, "symmetric": False, **granularity}, "activations": None}
+    recipe = write_recipe(tmp_path, quantization, "compressed-tensors")
+    assert cli.main(["quantize", str(tiny_clip), str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("quantsink: error: quantization.weights.symmetric is false") and "\n" not in message
+    assert "packed zero points" in message and "export.format fake-quant" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_compressed_tensors_needs_a_transformers_model(tmp_path, capsys):
