@@ -130,6 +130,10 @@ def run_models(_args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # its weight-loading bar ignores our logging level
     try:
         {"quantize": run_quantize, "eval": run_eval, "models": run_models}[args.command](args)
     except UserError as error:
