@@ -4,7 +4,6 @@ causal LMs `kv_cache(model)` (a fresh cache as the recipe's kv_cache section say
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ from quantsink import export, io
 from quantsink.calibration import ActivationStats, StatisticsCollector
 from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
-from quantsink.evaluate import compare_kv_caches, embed_batches, fidelity
+from quantsink.evaluate import KVComparison, compare_kv_caches, embed_batches, fidelity
 from quantsink.kvcache import (
+    KVMemory,
     SinkQuantizedCache,
     attach_kv_cache_config,
     build_kv_cache,
@@ -164,30 +164,23 @@ def kv_cache_fidelity(
     """Perplexity with the full-precision cache and with the quantized one, and the per-token KL
     between their next-token distributions, over `batches` fed through both caches in chunks of
     `chunk_size` tokens; plus what the quantized cache costs per token."""
-    totals = {"reference": 0.0, "quantized": 0.0, "kl": 0.0, "tokens": 0}
-    memory = []
+    comparisons, memories = [], []
     for inputs in tqdm(batches, desc="kv cache eval", unit="batch", disable=not progress):
         cache = build_kv_cache(config, adapter)
-        comparison = compare_kv_caches(adapter.model, inputs["input_ids"], cache, chunk_size, inputs.get("attention_mask"))
-        totals["reference"] += math.log(comparison.perplexity_reference) * comparison.tokens
-        totals["quantized"] += math.log(comparison.perplexity_quantized) * comparison.tokens
-        totals["kl"] += comparison.kl_mean * comparison.tokens
-        totals["tokens"] += comparison.tokens
-        if isinstance(cache, SinkQuantizedCache):
-            memory.append(cache.memory())
-    tokens = max(totals["tokens"], 1)
-    stored = sum(part.total for part in memory)
-    baseline = sum(part.baseline for part in memory)
-    cached_tokens = sum(part.tokens for part in memory)
+        comparisons.append(compare_kv_caches(adapter.model, inputs["input_ids"], cache, chunk_size, inputs.get("attention_mask")))
+        if isinstance(cache, SinkQuantizedCache):  # other backends do not account for their storage
+            memories.append(cache.memory())
+    comparison = KVComparison.combine(comparisons)
+    memory = KVMemory.sum(memories) if memories else None
     return {
         "scheme": describe_kv_cache(config),
         "chunk_size": chunk_size,
-        "tokens": totals["tokens"],
-        "perplexity_reference": math.exp(totals["reference"] / tokens),
-        "perplexity_quantized": math.exp(totals["quantized"] / tokens),
-        "kl_mean": totals["kl"] / tokens,
-        "bytes_per_token": stored / cached_tokens if cached_tokens else float("nan"),
-        "compression": baseline / stored if stored else float("nan"),
+        "tokens": comparison.tokens,
+        "perplexity_reference": comparison.perplexity_reference,
+        "perplexity_quantized": comparison.perplexity_quantized,
+        "kl_mean": comparison.kl_mean,
+        "bytes_per_token": memory.bytes_per_token if memory is not None and memory.tokens else float("nan"),
+        "compression": memory.compression if memory is not None and memory.total else float("nan"),
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +46,21 @@ class KVComparison:
     perplexity_quantized: float
     kl_mean: float
     tokens: int
+
+    @classmethod
+    def combine(cls, parts: Sequence["KVComparison"]) -> "KVComparison":
+        """One comparison over the tokens of all `parts` (e.g. one per batch), token-weighted."""
+        tokens = sum(part.tokens for part in parts)
+
+        def mean(value: Callable[["KVComparison"], float]) -> float:
+            return sum(value(part) * part.tokens for part in parts) / max(tokens, 1)
+
+        return cls(
+            perplexity_reference=math.exp(mean(lambda part: math.log(part.perplexity_reference))),
+            perplexity_quantized=math.exp(mean(lambda part: math.log(part.perplexity_quantized))),
+            kl_mean=mean(lambda part: part.kl_mean),
+            tokens=tokens,
+        )
 
 
 class _Chunk(NamedTuple):

@@ -50,6 +50,7 @@ fp16 for every full-precision value, scale and offset.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -165,6 +166,11 @@ class KVMemory:
     @property
     def compression(self) -> float:
         return self.baseline / self.total if self.total else 1.0
+
+    @classmethod
+    def sum(cls, parts: Sequence["KVMemory"]) -> "KVMemory":
+        """Field by field: the layers of one cache, or the caches of several batches."""
+        return cls(**{name: sum(getattr(part, name) for part in parts) for name in cls.__dataclass_fields__})
 
 
 class _Rows:
@@ -490,9 +496,9 @@ class SinkQuantizedCache(Cache):
             return KVMemory(0, 0, 0, 0, 0, 0)
         batch, length = layers[0].keys.shape[0], layers[0].keys.shape[-2]
         real_tokens = self.rows.real(batch, length, layers[0].keys.device).sum(-1)
-        parts = [layer.memory(real_tokens) for layer in layers]
-        totals = {name: sum(getattr(part, name) for part in parts) for name in KVMemory.__dataclass_fields__}
-        return KVMemory(**{**totals, "tokens": int(real_tokens.sum())})
+        # every layer holds the same tokens: they count once
+        total = KVMemory.sum([layer.memory(real_tokens) for layer in layers])
+        return dataclasses.replace(total, tokens=int(real_tokens.sum()))
 
     def bytes_per_token(self) -> float:
         """Packed-storage bytes per cached token, all layers together."""
@@ -615,12 +621,12 @@ def build_kv_cache(config: "KVCacheConfig", adapter: Adapter) -> Cache:
     return KV_CACHE_BACKENDS.get(config.backend).build(config, adapter)
 
 
-def require_kv_cache(adapter: Adapter) -> None:
+def require_kv_cache(
+    adapter: Adapter, asker: str = "a kv_cache recipe", fix: str = "give it a causal LM, or use a recipe without kv_cache"
+) -> None:
+    """Refuse a model without a KV cache for what `asker` does to one, saying `fix`."""
     if not adapter.has_kv_cache:
-        raise UserError(
-            f"a kv_cache recipe quantizes a causal LM's KV cache; {adapter.source.spec} ({adapter.family}) has none: "
-            "give it a causal LM, or use a recipe without kv_cache"
-        )
+        raise UserError(f"{asker} quantizes a causal LM's KV cache; {adapter.source.spec} ({adapter.family}) has none: {fix}")
 
 
 def describe_kv_cache(config: "KVCacheConfig") -> str:

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from quantsink.compressed_tensors_format import fake_quantize_signed_grid
-from quantsink.errors import CheckpointError, UserError
+from quantsink.errors import CheckpointError
+from quantsink.kvcache import require_kv_cache
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter
 from quantsink.quantizers.functional import qparams_from_range, qrange
@@ -44,11 +45,7 @@ class KVStaticOptions(BaseModel):
 
 
 def require_causal_lm(adapter: Adapter) -> None:
-    if not adapter.has_kv_cache:
-        raise UserError(
-            f"kv-static quantizes a causal LM's KV cache; {adapter.source.spec} ({adapter.family}) has none: "
-            "remove kv-static from the recipe's methods"
-        )
+    require_kv_cache(adapter, "kv-static", "remove kv-static from the recipe's methods")
 
 
 def observed_rows(states: torch.Tensor, mask: torch.Tensor | None, granularity: str) -> torch.Tensor:

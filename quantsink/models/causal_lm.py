@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers import (
-    AutoTokenizer,
     GPTNeoXForCausalLM,
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -39,23 +37,20 @@ from transformers import (
 
 from quantsink.errors import UserError
 from quantsink.models.base import ModelSource, register_adapter
-from quantsink.models.hf import HFAdapter
+from quantsink.models.hf import HFTextAdapter
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 # (keys, values) -> (keys, values), on what an attention hands its KV cache
 KVTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class HFCausalLMAdapter(HFAdapter):
+class HFCausalLMAdapter(HFTextAdapter):
     """A transformers `*ForCausalLM` whose decoder blocks are `<decoder_attr>.layers[i]`."""
 
-    modality = "text"
     has_kv_cache = True
     leading_tokens = 0  # a BOS token is an ordinary position: it may be a sink, and it is quantized
-    mask_input = "attention_mask"
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json")
     decoder_attr: ClassVar[str] = "model"
     cache_argument: ClassVar[str] = "past_key_values"  # the keyword a decoder block gets the cache under
     fc1_path = "mlp.up_proj"
@@ -70,17 +65,6 @@ class HFCausalLMAdapter(HFAdapter):
     @classmethod
     def architecture(cls, config: PretrainedConfig) -> tuple[type[PreTrainedModel], PretrainedConfig]:
         return cls.model_class(config), config
-
-    @classmethod
-    def default_processor(cls, config: PretrainedConfig) -> Any:
-        return None  # a tokenizer is vocabulary files, not config: it comes from the model's folder
-
-    @classmethod
-    def load_processor(cls, folder: Path) -> Any:
-        folder = Path(folder)
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            return None
-        return AutoTokenizer.from_pretrained(folder)
 
     # --- structure ----------------------------------------------------------------------
     @property
@@ -122,15 +106,10 @@ class HFCausalLMAdapter(HFAdapter):
 
     # --- data ---------------------------------------------------------------------------
     def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        if self.processor is None:
-            raise UserError(
-                f"{self.source.spec} has no tokenizer: load the model from its folder (with its tokenizer files) "
-                "or pass processor=AutoTokenizer.from_pretrained(...) to from_module"
-            )
         if not all(isinstance(sample, str) for sample in samples):
             raise UserError(f"{self.source.spec} is a language model: calibrate it on text (a .txt file or folder), not images")
         truncation = {"truncation": True, "max_length": max_length} if max_length is not None else {}
-        encoded = self.processor(list(samples), padding=True, return_tensors="pt", **truncation)
+        encoded = self.tokenizer(list(samples), padding=True, return_tensors="pt", **truncation)
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     @torch.no_grad()

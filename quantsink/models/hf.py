@@ -348,20 +348,48 @@ class HFDinov2Adapter(HFAdapter):
         return 1 + getattr(self.model.config, "num_register_tokens", 0)
 
 
+class HFTextAdapter(HFAdapter):
+    """A transformers text model: its processor is the tokenizer saved in the model's folder
+    (vocabulary files, which no config implies), and padding is marked by `attention_mask`."""
+
+    modality = "text"
+    mask_input = "attention_mask"
+    tokenizer_files: ClassVar[tuple[str, ...]]  # any of them in a folder means it has a tokenizer
+
+    @classmethod
+    def default_processor(cls, config: PretrainedConfig) -> Any:
+        return None
+
+    @classmethod
+    def load_processor(cls, folder: Path) -> Any:
+        folder = Path(folder)
+        if not any((folder / name).is_file() for name in cls.tokenizer_files):
+            return None
+        return AutoTokenizer.from_pretrained(folder)
+
+    @property
+    def tokenizer(self) -> Any:
+        if self.processor is None:
+            raise UserError(
+                f"{self.source.spec} has no tokenizer: load the model from its folder (with its tokenizer files) "
+                "or pass processor=AutoTokenizer.from_pretrained(...) to from_module"
+            )
+        return self.processor
+
+
 @register_adapter
-class HFBertTextAdapter(HFAdapter):
+class HFBertTextAdapter(HFTextAdapter):
     """A BERT sentence encoder: the embedding is the masked mean of the last hidden states,
     L2-normalised, as sentence-transformers computes it for all-MiniLM-L6-v2."""
 
     family = "hf-bert-text"
-    modality = "text"
     model_types = ("bert",)
     model_classes = (BertModel,)
     layers_attr = "layer"
     attention_path = "attention.self"
     fc1_path = "intermediate.dense"
     fc2_path = "output.dense"
-    mask_input = "attention_mask"
+    tokenizer_files = ("tokenizer.json", "vocab.txt")
     # the pooler feeds no sentence embedding: without it quantizers and folders skip dead weights
     build_kwargs = {"add_pooling_layer": False}
 
@@ -372,17 +400,10 @@ class HFBertTextAdapter(HFAdapter):
         return super().from_module(model, spec, processor)
 
     @classmethod
-    def default_processor(cls, config: PretrainedConfig) -> Any:
-        return None  # a tokenizer is vocabulary files, not config: it comes from the model's folder
-
-    @classmethod
     def load_processor(cls, folder: Path) -> Any:
-        folder = Path(folder)
-        if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
-            return None
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        sentence_config = folder / "sentence_bert_config.json"
-        if sentence_config.is_file():
+        tokenizer = super().load_processor(folder)
+        sentence_config = Path(folder) / "sentence_bert_config.json"
+        if tokenizer is not None and sentence_config.is_file():
             # sentence-transformers truncates at its own max_seq_length, shorter than the tokenizer's
             tokenizer.model_max_length = json.loads(sentence_config.read_text())["max_seq_length"]
         return tokenizer
@@ -395,12 +416,7 @@ class HFBertTextAdapter(HFAdapter):
         )
 
     def preprocess(self, samples: list[Any], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        if self.processor is None:
-            raise UserError(
-                f"{self.source.spec} has no tokenizer: load the model from its folder (with its tokenizer files) "
-                "or pass processor=AutoTokenizer.from_pretrained(...) to from_module"
-            )
-        return dict(self.processor(list(samples), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        return dict(self.tokenizer(list(samples), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
 
     @torch.no_grad()
     def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

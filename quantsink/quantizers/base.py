@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
@@ -73,7 +73,15 @@ class Quantizer(ABC):
     `restore` needs to rebuild frozen modules on a fresh model before loading a checkpoint."""
 
     def __init__(self, config: QuantizationConfig):
+        problem = self.incompatibility(config)
+        if problem is not None:
+            raise UserError(f"{problem}: change it or use backend fake")
         self.config = config
+
+    @staticmethod
+    def incompatibility(config: QuantizationConfig) -> Optional[str]:
+        """Why this backend cannot run `config` (naming the recipe field), or None."""
+        return None
 
     @abstractmethod
     def prepare(self, model: nn.Module) -> list[str]:

@@ -17,7 +17,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from quantsink.errors import UserError
 from quantsink.quantizers.base import replace_module
 from quantsink.quantizers.fake import FakeQuantizer, FakeQuantLinear, weight_qparams_shape, weight_rows
 from quantsink.quantizers.functional import qparams_from_range, qrange, quantize
@@ -160,11 +159,7 @@ def grid_weight(fake: FakeQuantLinear) -> torch.Tensor:
 class Int8Quantizer(FakeQuantizer):
     """Calibrates through FakeQuantLinear (same observers), then converts to Int8Linear."""
 
-    def __init__(self, config: QuantizationConfig):
-        problem = int8_incompatibility(config)
-        if problem is not None:
-            raise UserError(f"{problem}: change it or use backend fake")
-        super().__init__(config)
+    incompatibility = staticmethod(int8_incompatibility)
 
     def freeze(self, model: nn.Module) -> None:
         super().freeze(model)

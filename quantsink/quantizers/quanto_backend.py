@@ -16,7 +16,6 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from quantsink.errors import UserError
 from quantsink.quantizers.base import Quantizer, replace_module, target_linears, module_to_restore
 from quantsink.recipe import QuantizationConfig
 from quantsink.registry import QUANTIZERS
@@ -42,11 +41,7 @@ def quanto_incompatibility(config: QuantizationConfig) -> Optional[str]:
 
 @QUANTIZERS.register("quanto")
 class QuantoQuantizer(Quantizer):
-    def __init__(self, config: QuantizationConfig):
-        problem = quanto_incompatibility(config)
-        if problem is not None:
-            raise UserError(f"{problem}: change it or use backend fake")
-        super().__init__(config)
+    incompatibility = staticmethod(quanto_incompatibility)
 
     def quantized_linear(self, linear: nn.Linear) -> nn.Module:
         from optimum.quanto import qint8

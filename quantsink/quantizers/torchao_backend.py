@@ -20,7 +20,6 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from quantsink.errors import UserError
 from quantsink.quantizers.base import Quantizer, target_linears, module_to_restore
 from quantsink.quantizers.functional import qparams_from_range
 from quantsink.recipe import QuantizationConfig
@@ -65,10 +64,9 @@ class InputObserver:
 
 @QUANTIZERS.register("torchao")
 class TorchAOQuantizer(Quantizer):
+    incompatibility = staticmethod(torchao_incompatibility)
+
     def __init__(self, config: QuantizationConfig):
-        problem = torchao_incompatibility(config)
-        if problem is not None:
-            raise UserError(f"{problem}: change it or use backend fake")
         super().__init__(config)
         self.targets: dict[str, nn.Linear] = {}
         self.observers: dict[str, InputObserver] = {}
