@@ -30,6 +30,7 @@ from quantsink.kvcache import (
 )
 from quantsink.models import resolve
 from quantsink.models.base import Adapter
+from quantsink.models.probe import require_modules_run, require_runs, tallied_modules
 from quantsink.quantizers.base import Quantizer
 from quantsink.recipe import KVCacheConfig, Recipe
 from quantsink.methods.base import Method, MethodContext
@@ -111,13 +112,20 @@ def quantize(
         targets = quantizer.prepare(adapter.model)
         collector = StatisticsCollector(adapter, {name: adapter.model.get_submodule(name) for name in targets})
         started = time.perf_counter()
-        with collector.attached(), quantizer.calibrating(adapter.model):
+
+        def calibrate() -> None:
             for inputs in tqdm(calibration_inputs, desc="calibrating", unit="batch", disable=not progress):
                 collector.run(inputs)
+
+        with collector.attached(), quantizer.calibrating(adapter.model), tallied_modules(adapter.model, targets) as tallies:
+            require_runs(adapter.model, tallies, calibrate, during="the calibration pass",
+                         fix="the model never calls it; add it to quantization.ignore")
         report["calibration"]["seconds"] = time.perf_counter() - started
         quantizer.freeze(adapter.model)
+        require_modules_run(adapter, targets)
         stats = collector.result()
         report["quantized_modules"] = len(targets)
+        report.update(quantizer.runtime(adapter.model))
         report["fidelity"] = fidelity(reference, embed_batches(adapter, holdout_inputs))
         report["outliers"] = stats.summary()
         log.info("holdout cosine %.4f (min %.4f)", report["fidelity"]["cosine_mean"], report["fidelity"]["cosine_min"])
@@ -153,7 +161,8 @@ load = export.load
 
 def kv_cache(model: nn.Module | QuantizationResult) -> Cache:
     """A fresh, empty KV cache for `model` (from `quantsink.load(OUT)` or `quantize(...)`) as its
-    recipe's kv_cache section says; pass it as `past_key_values` to `generate` or a forward call."""
+    recipe's kv_cache section says; pass it to `generate` or a forward call as `past_key_values=`
+    (`cache=` from transformers 5.24)."""
     module = model.model if isinstance(model, QuantizationResult) else model
     return build_kv_cache(kv_cache_config_of(module), resolve(module))
 

@@ -60,13 +60,13 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> None:
+    from quantsink import io
     from quantsink.api import quantize
     from quantsink.recipe import Recipe
 
     recipe = Recipe.from_yaml(args.recipe)
     output = args.output or Path("out") / recipe.name
-    if output.exists():
-        raise UserError(f"output folder {output} already exists: remove it or pass another -o")
+    io.check_output_dir(output)  # before any calibration: a result that cannot be written is time lost
     result = quantize(args.model, recipe, args.calib,
                       num_samples=args.num_samples, seed=args.seed, progress=not args.quiet)
     result.save(output)
@@ -86,6 +86,10 @@ def format_summary(report: dict, output: Path) -> str:
             f"relative L2 {fidelity['relative_l2']:.4f} on {fidelity['samples']} holdout samples",
             f"outliers   largest max/median token norm {worst['max_over_median']:.1f}x at {worst['block']}",
         ]
+        for kernel in report.get("int8_kernels", []):
+            speed = kernel["speed_vs_fp32"].get(kernel["kernel"])
+            measured = f", {speed:.2f}x an fp32 linear here" if speed is not None else ""
+            lines.append(f"kernel     int8 matmuls on {kernel['kernel']} ({kernel['device']}{measured})")
     else:
         lines.append(f"data       {calibration['data']}")
     if "kvsink" in report["methods"]:
@@ -130,7 +134,7 @@ def run_models(_args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
+    if args.quiet and args.command != "models":  # `models` loads nothing: keep it free of transformers
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # its weight-loading bar ignores our logging level

@@ -34,6 +34,7 @@ rounding; static models agree except that inputs beyond the calibrated range cli
 from __future__ import annotations
 
 import copy
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
@@ -214,8 +215,16 @@ def check_kv_cache_targets(model: nn.Module, kv_tensors: dict[str, torch.Tensor]
     named = {key.rpartition(".")[0] for key in kv_tensors}
     if named != recognised:
         unknown = sorted(named - recognised)
-        problem = (f"{unknown[0]} is not an attention it recognises (k_proj/v_proj or qkv_proj, called with past_key_values)"
-                   if unknown else f"{sorted(recognised - named)[0]} has no KV scales")
+        if unknown:
+            from quantsink.models.causal_lm import find_cache_keyword
+
+            keyword = find_cache_keyword(model.get_submodule(unknown[0]))
+            # compressed-tensors 0.20 predates transformers 5.24's `cache` keyword
+            problem = (f"{unknown[0]} is not an attention it recognises (compressed-tensors {version('compressed-tensors')} "
+                       "hooks k_proj/v_proj or qkv_proj attentions whose forward takes past_key_values; this one takes "
+                       f"the cache as {keyword!r} under transformers {version('transformers')})")
+        else:
+            problem = f"{sorted(recognised - named)[0]} has no KV scales"
         raise UserError(f"compressed-tensors applies a kv_cache_scheme to the attentions it recognises, and {problem}: "
                         "use export.format int8 or fake-quant")
 

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from quantsink.errors import UserError
 from quantsink.kvcache import SinkQuantizedCache
 from quantsink.models.base import Adapter
+from quantsink.models.causal_lm import cache_keyword
 
 
 def fidelity(reference: torch.Tensor, quantized: torch.Tensor) -> dict[str, float]:
@@ -87,6 +88,7 @@ def _chunked_prefill(
     if isinstance(cache, SinkQuantizedCache):
         cache.set_attention_mask(attention_mask)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    keyword = cache_keyword(model)
     real = attention_mask.bool()
     counted = real[:, 1:] & real[:, :-1]
     for start in range(0, input_ids.shape[1], chunk_size):
@@ -95,7 +97,7 @@ def _chunked_prefill(
             input_ids=input_ids[:, start:end],
             attention_mask=attention_mask[:, :end],
             position_ids=position_ids[:, start:end],
-            past_key_values=cache,
+            **{keyword: cache},
             use_cache=True,
         ).logits
         targets = input_ids[:, start + 1 : end + 1]  # the last position has nothing to predict

@@ -18,6 +18,7 @@ from quantsink import io
 from quantsink.errors import CheckpointError, UserError
 from quantsink.models import rebuild
 from quantsink.models.base import Adapter, ModelSource
+from quantsink.models.probe import require_modules_run
 from quantsink.quantizers.int8 import int8_export, int8_incompatibility
 from quantsink.kvcache import attach_kv_cache_config
 from quantsink.recipe import KVCacheConfig, QuantizationConfig, describe_validation_error
@@ -53,7 +54,7 @@ class ExportFormat:
 
 # fake: float weights (already quantize-dequantized) beside their scales and zero points, for
 # research; other backends: their modules' own state (torchao and quanto: int8 data and scales)
-EXPORT_FORMATS.register("fake-quant")(ExportFormat())
+FAKE_QUANT = EXPORT_FORMATS.register("fake-quant")(ExportFormat())
 
 
 class Int8Export(ExportFormat):
@@ -76,7 +77,7 @@ class Int8Export(ExportFormat):
         return {"backend": "int8", "config": config.model_dump(mode="json"), "state": state}
 
 
-EXPORT_FORMATS.register("int8")(Int8Export())
+INT8 = EXPORT_FORMATS.register("int8")(Int8Export())
 
 
 def save(result: "QuantizationResult", destination: str | Path) -> Path:
@@ -156,6 +157,8 @@ def load_adapter(folder: str | Path) -> Adapter:
         raise CheckpointError(f"{folder / io.MANIFEST}: {error}") from None
     io.load_state_into(adapter.model, export_format.read(folder, adapter.model, manifest), folder / io.WEIGHTS)
     adapter.model.eval()
+    if quantization is not None:
+        require_modules_run(adapter, list(quantization["state"]["modules"]))
     return adapter
 
 

@@ -4,7 +4,7 @@ way while keeping attention-sink tokens in full precision (KVSink, arXiv 2508.04
     from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache
     cache = SinkQuantizedCache(KVQuantConfig(bits=2, sink_strategy="kvsink", num_sinks=5))
     cache.set_attention_mask(inputs["attention_mask"])   # left padding: never in any range
-    model.generate(**inputs, past_key_values=cache)      # kvsink: a hook calls cache.offer_sinks
+    model.generate(**inputs, past_key_values=cache)      # kvsink: a hook calls cache.offer_sinks (transformers >= 5.24: cache=)
 
 Scheme (every choice below is what the numbers of real packed storage would be; the cache keeps
 the dequantized values so that attention reads exactly what packed storage would give back):
@@ -65,6 +65,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from quantsink.errors import UserError
 from quantsink.models.base import Adapter
+from quantsink.models.causal_lm import cache_in_call
 from quantsink.quantizers.functional import fake_quantize, qparams_from_range
 from quantsink.registry import KV_CACHE_BACKENDS
 
@@ -401,7 +402,8 @@ def _requantize(states: torch.Tensor, select: torch.Tensor, quantizer: Callable[
 
 
 class SinkQuantizedCache(Cache):
-    """A transformers `Cache` for `generate(past_key_values=cache)` and plain forward calls.
+    """A transformers `Cache` for `generate(past_key_values=cache)` (`cache=cache` from
+    transformers 5.24) and plain forward calls.
 
     Call `set_attention_mask` with the prompt's mask when rows are padded. The `kvsink` strategy
     needs its sinks from a hook that calls `offer_sinks` in every forward call (what
@@ -649,7 +651,7 @@ def attach_kv_cache_config(model: nn.Module, config: "KVCacheConfig") -> None:
 
 
 def _hand_over_attention_mask(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
-    cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+    cache, mask = cache_in_call(kwargs), kwargs.get("attention_mask")
     if isinstance(cache, SinkQuantizedCache) and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         cache.set_attention_mask(mask)
 

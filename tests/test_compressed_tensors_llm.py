@@ -18,8 +18,10 @@ from quantsink.data import load_samples
 from quantsink.errors import CheckpointError, UserError
 from quantsink.models import save_model
 from quantsink.quantizers import functional
-from quantsink.quantizers import int8 as int8_module
+from quantsink.quantizers import kernels
 from quantsink.testing.tiny import TINY_CAUSAL_LMS, build_tiny, build_tiny_causal_lm
+
+from conftest import KV_SCHEME_LOADS, kv_scheme_loads
 
 CALIBRATION = {"data": "bundled", "num_samples": 8, "batch_size": 4, "seed": 0, "holdout": 4, "seq_len": 48}
 LAYERS = 2  # build_tiny_causal_lm's default
@@ -65,6 +67,7 @@ def disable_kv_quantization(hf_model):
         layer.self_attn.quantization_enabled = False
 
 
+@kv_scheme_loads
 @pytest.mark.parametrize("backend, kv_static, scale_shape", [
     ("fake", {}, (1,)),
     ("int8", {}, (1,)),
@@ -107,7 +110,7 @@ def test_w8a8_with_a_kv_scheme_loads_in_transformers_with_quantsinks_logits(
     # and that clip is all there is: on compressed-tensors' activation grid quantsink's logits are
     # the loaded model's to float rounding (measured: equal for fake, 2.7e-7 apart for int8)
     with monkeypatch.context() as patch:
-        for module in (functional, int8_module):
+        for module in (functional, kernels):
             patch.setattr(module, "qrange", signed_qrange)
         on_its_grid, _ = logits(result.model, inputs)
     assert (theirs - on_its_grid).abs().max() < 1e-6
@@ -117,6 +120,7 @@ def test_w8a8_with_a_kv_scheme_loads_in_transformers_with_quantsinks_logits(
     assert torch.equal(logits(quantsink.load(out), inputs)[0], ours)
 
 
+@kv_scheme_loads
 def test_the_loaded_model_caches_the_keys_and_values_quantsink_caches(tiny_llama, tmp_path):
     """Post-RoPE keys and values on the grid of each layer's scale, in both models; the first
     layer (whose inputs the W8A8 layers see alike) caches bit for bit the same ones."""
@@ -159,7 +163,9 @@ def test_the_rounding_is_compressed_tensors_rounding(dtype, bits, strategy, scal
     assert expected.dtype == dtype and (expected / scale.to(dtype)).min() == -(2 ** (bits - 1))
 
 
-@pytest.mark.parametrize("backend, export", [("fake", "fake-quant"), ("int8", "int8"), ("int8", "compressed-tensors")])
+@pytest.mark.parametrize("backend, export", [
+    ("fake", "fake-quant"), ("int8", "int8"), pytest.param("int8", "compressed-tensors", marks=kv_scheme_loads),
+])
 def test_load_reproduces_the_in_memory_logits(tiny_llama, tmp_path, backend, export):
     result = quantsink.quantize(str(tiny_llama), recipe(backend, export), progress=False)
     out = result.save(tmp_path / "out")
@@ -218,6 +224,19 @@ def test_kv_static_refuses_a_model_without_a_kv_cache():
     message = str(error.value)
     assert message.startswith("kv-static quantizes a causal LM's KV cache;") and "(hf-clip) has none" in message
     assert "\n" not in message
+
+
+@pytest.mark.skipif(KV_SCHEME_LOADS, reason="this compressed-tensors hooks attentions that take the cache as `cache`")
+def test_a_kv_scheme_for_attentions_taking_the_new_cache_keyword_is_refused(tiny_llama, tmp_path):
+    """transformers 5.24 hands attentions the cache as `cache`, which compressed-tensors 0.20 does
+    not hook: a loader would keep the scales and never quantize keys and values, so the export
+    refuses, naming both versions."""
+    with pytest.raises(UserError) as error:
+        quantsink.quantize(str(tiny_llama), recipe(), progress=False).save(tmp_path / "out")
+    message = str(error.value)
+    assert "model.layers.0.self_attn is not an attention it recognises" in message and "\n" not in message
+    assert "takes the cache as 'cache' under transformers 5." in message and "compressed-tensors 0." in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_compressed_tensors_refuses_kv_scales_for_attentions_it_does_not_hook(tmp_path):

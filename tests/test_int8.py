@@ -9,6 +9,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import quantsink
@@ -19,11 +20,16 @@ from quantsink.errors import CheckpointError, UserError
 from quantsink.export import load_adapter
 from quantsink.models import resolve, save_model
 from quantsink.quantizers import int8 as int8_module
+from quantsink.quantizers import kernels
 from quantsink.quantizers.fake import FakeQuantizer
 from quantsink.quantizers.functional import quantize
-from quantsink.quantizers.int8 import Int8Linear, Int8Quantizer, int8_matmul
+from quantsink.quantizers.int8 import Int8Linear, Int8Quantizer
+from quantsink.quantizers.kernels import int8_matmul
 from quantsink.recipe import QuantizationConfig
+from quantsink.registry import INT8_KERNELS
 from quantsink.testing.tiny import build_tiny
+
+from conftest import kv_scheme_loads
 
 CALIBRATION = {"data": "bundled", "num_samples": 4, "batch_size": 4, "seed": 0, "holdout": 4}
 ACTIVATIONS = {
@@ -51,10 +57,8 @@ def calibrated(model: nn.Module, quantizer, data: torch.Tensor) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("activations", ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
-@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
-def test_int8_gives_the_fake_outputs_within_float_rounding(activations, weights):
-    settings = config(weights={"granularity": weights}, activations=activations)
+def check_int8_gives_the_fake_outputs(settings: QuantizationConfig) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """Checks each int8 layer against its fake one; returns the fake and int8 models and the inputs."""
     data = torch.randn(3, 20, 48)
     fake = calibrated(mlp(), FakeQuantizer(settings), data)
     real = calibrated(mlp(), Int8Quantizer(settings), data)
@@ -64,42 +68,76 @@ def test_int8_gives_the_fake_outputs_within_float_rounding(activations, weights)
         assert real[index].weight.dtype == torch.int8
         assert torch.equal(real[index].weight.float() * real[index].weight_scale, fake[index].weight)
     probe = torch.randn(2, 33, 48) * 1.5  # beyond the calibrated range too: both clip alike
+    inputs = {}
+    hooks = [fake[i].register_forward_pre_hook(lambda _, args, i=i: inputs.setdefault(i, args[0])) for i in (0, 2)]
     with torch.no_grad():
-        expected, got = fake(probe), real(probe)
-    assert got.shape == expected.shape
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    assert not torch.equal(expected, mlp()(probe))  # and it is quantized at all
+        assert real(probe).shape == fake(probe).shape
+        # layer by layer, on the same inputs: a float-rounding difference in one layer's output
+        # can move an input of the next across a rounding boundary, one code step away
+        for index, layer_input in inputs.items():
+            expected, got = fake[index](layer_input), real[index](layer_input)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    for hook in hooks:
+        hook.remove()
+    assert not torch.equal(fake(probe), mlp()(probe))  # and it is quantized at all
+    return fake, real, probe
 
 
-def test_the_product_runs_in_int8(monkeypatch):
-    calls = []
-    int_mm = torch._int_mm
+@pytest.mark.parametrize("activations", ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_int8_gives_the_fake_outputs_within_float_rounding(activations, weights):
+    check_int8_gives_the_fake_outputs(config(weights={"granularity": weights}, activations=activations))
 
-    def spy(a, b):
-        calls.append((a.dtype, b.dtype))
-        return int_mm(a, b)
 
-    monkeypatch.setattr(torch, "_int_mm", spy)
+class OperatorSpy(TorchDispatchMode):
+    """Records every operator that runs (without its overload), with the dtypes of its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, list[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func.name().partition(".")[0], [a.dtype for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+    def of(self, kernel: kernels.Int8Kernel) -> list[list[torch.dtype]]:
+        """The argument dtypes of each call of `kernel`'s product operator."""
+        return [dtypes for name, dtypes in self.calls if name in kernel.ops]
+
+
+def test_the_product_runs_in_int8():
+    kernel = kernels.chosen(torch.device("cpu"), 8)
+    if kernel.name == "float":
+        pytest.skip(f"no int8 kernel is exact here: {kernels.describe()['probe']}")
     model = calibrated(mlp(), Int8Quantizer(config()), torch.randn(8, 48))
-    with torch.no_grad():
+    with torch.no_grad(), OperatorSpy() as spy:
         model(torch.randn(5, 48))
-    assert calls == [(torch.int8, torch.int8)] * 2
+    assert len(spy.of(kernel)) == 2  # one integer product per layer, on the kernel chosen here
+    if kernel.codes_dtype != torch.float32:  # fbgemm takes float codes and makes them uint8 itself
+        assert all(dtypes[0] == kernel.codes_dtype for dtypes in spy.of(kernel))
 
 
 @pytest.mark.parametrize("shape", [(1, 7, 5), (16, 8, 8), (17, 24, 9), (64, 96, 40)])
 def test_int8_matmul_is_exact_for_any_shape(shape):
+    verdict = kernels.measured(torch.device("cpu"), 8).probes["int-mm"]
+    if verdict != kernels.EXACT:
+        pytest.skip(f"torch._int_mm on this CPU: {verdict}")
     rows, inner, columns = shape
     a = torch.randint(-127, 128, (rows, inner), dtype=torch.int8)
     b = torch.randint(-127, 128, (columns, inner), dtype=torch.int8).t()
     assert torch.equal(int8_matmul(a, b), a.int() @ b.int())
 
 
-def test_in_place_rounding_is_functional_quantize():
+@pytest.mark.parametrize("bits", [8, 7])
+@pytest.mark.parametrize("kernel", INT8_KERNELS.names())
+def test_input_codes_are_functional_quantize(kernel, bits):
+    kernel = INT8_KERNELS.get(kernel)
     x = torch.randn(64, 32) * 3
     x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 1000.0])  # ties round to even, out of range clips
     scale = torch.tensor([[0.02]])
-    expected = quantize(x, scale, torch.zeros(()), 8, symmetric=True)
-    assert torch.equal(int8_module.quantize_symmetric_int8(x, scale).float(), expected)
+    expected = quantize(x, scale, torch.zeros(()), bits, symmetric=True) + kernel.shift(bits)
+    codes = kernels.to_codes(x, scale, bits, kernel)
+    assert codes.dtype == kernel.codes_dtype and torch.equal(codes.float(), expected)
 
 
 @pytest.mark.parametrize(
@@ -357,6 +395,7 @@ class KVScales:
         return self.scheme, self.tensors
 
 
+@kv_scheme_loads
 def test_a_causal_lm_with_a_kv_scheme_loads_in_transformers(tmp_path):
     """The writer is generic over transformers models: a tiny Llama, W8A8 static, with a KV
     scheme handed in through the method hook."""

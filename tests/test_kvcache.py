@@ -28,6 +28,7 @@ from transformers import (
 from quantsink.errors import UserError
 from quantsink.evaluate import chunked_log_likelihood, compare_kv_caches
 from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache, SinkQuantizedLayer, quantize_groups
+from quantsink.models.causal_lm import cache_keyword
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 ARCHITECTURES = {
@@ -326,8 +327,10 @@ def offer_from_block(model, block: int, scores: torch.Tensor, inside=None):
     """Stand-in for the kvsink hook: after decoder `block`, each forward call offers the scores of
     the cache columns it added, read from `scores` (batch, length); `inside(cache)` runs first."""
 
+    keyword = cache_keyword(model.model.layers[block])
+
     def offer(_module, _args, kwargs, output):
-        cache = kwargs["past_key_values"]
+        cache = kwargs[keyword]
         length, new = cache.get_seq_length(), output.shape[1]
         if inside is not None:
             inside(cache)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from quantsink.compressed_tensors_format import fake_quantize_signed_grid
@@ -28,6 +29,7 @@ from quantsink.errors import CheckpointError
 from quantsink.kvcache import require_kv_cache
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter
+from quantsink.models.probe import Tally, require_runs
 from quantsink.quantizers.functional import qparams_from_range, qrange
 from quantsink.recipe import Bits, ObserverName
 from quantsink.registry import METHODS, OBSERVERS
@@ -86,15 +88,25 @@ def calibrate(
     return torch.stack([keys for keys, _ in scales]), torch.stack([values for _, values in scales])
 
 
-def install(adapter: Adapter, key_scales: torch.Tensor, value_scales: torch.Tensor, bits: int) -> None:
-    """Quantize every attention's keys and values with its row of (blocks, groups) scales."""
+def install(adapter: Adapter, key_scales: torch.Tensor, value_scales: torch.Tensor, bits: int) -> list[RemovableHandle]:
+    """Quantize every attention's keys and values with its row of (blocks, groups) scales,
+    proven by a probe forward to run in every block; the handles take it off."""
+    handles, tallies = [], []
     for block in range(adapter.num_blocks):
         key_scale, value_scale = key_scales[block].reshape(-1, 1, 1), value_scales[block].reshape(-1, 1, 1)
 
         def quantize(keys: torch.Tensor, values: torch.Tensor, key_scale=key_scale, value_scale=value_scale):
             return fake_quantize_signed_grid(keys, key_scale, bits), fake_quantize_signed_grid(values, value_scale, bits)
 
-        adapter.transform_kv(block, quantize)
+        tallies.append(Tally(f"the kv-static K/V quantization of decoder block {block}"))
+        handles.append(adapter.transform_kv(block, quantize, tallies[-1]))
+    try:
+        require_runs(adapter.model, tallies, lambda: adapter.embed(adapter.probe_inputs()))
+    except BaseException:
+        for handle in handles:  # a failed install leaves the model as it was
+            handle.remove()
+        raise
+    return handles
 
 
 @METHODS.register("kv-static")
@@ -106,11 +118,12 @@ class KVStatic(Method):
         super().__init__(options)
         self.key_scales: torch.Tensor | None = None  # (blocks, groups)
         self.value_scales: torch.Tensor | None = None
+        self.handles: list[RemovableHandle] = []  # what install put on the model
 
     def apply(self, context: MethodContext) -> dict[str, Any]:
         require_causal_lm(context.adapter)
         self.key_scales, self.value_scales = calibrate(context.adapter, context.calibration_batches, self.options, context.progress)
-        install(context.adapter, self.key_scales, self.value_scales, self.options.bits)
+        self.handles = install(context.adapter, self.key_scales, self.value_scales, self.options.bits)
         largest = qrange(self.options.bits, symmetric=True)[1]
         return {
             **self.options.model_dump(),
@@ -138,7 +151,7 @@ class KVStatic(Method):
                     "the folder belongs to another model, quantize this one again"
                 )
         method.key_scales, method.value_scales = tensors["key_scales"], tensors["value_scales"]
-        install(adapter, method.key_scales, method.value_scales, method.options.bits)
+        method.handles = install(adapter, method.key_scales, method.value_scales, method.options.bits)
         return method
 
     def compressed_tensors_kv_cache(self, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

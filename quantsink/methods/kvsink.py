@@ -37,9 +37,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantsink.errors import CheckpointError, UserError
-from quantsink.kvcache import SinkQuantizedCache, require_kv_cache
+from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache, require_kv_cache
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter, hidden_states_of
+from quantsink.models.probe import Tally, require_runs
 from quantsink.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def install(adapter: Adapter, profile: SinkProfile) -> None:
     if previous is not None:
         previous.remove()
     channel, threshold = profile.channel, profile.threshold
+    tally = Tally(f"the kvsink sink predictor on decoder block {profile.emergence_layer}")
 
     def offer(_module: nn.Module, _args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         cache = adapter.cache_of_call(kwargs)
@@ -156,8 +158,17 @@ def install(adapter: Adapter, profile: SinkProfile) -> None:
             return
         scores = hidden_states_of(output)[..., channel].detach().abs().float()
         cache.offer_sinks(scores.masked_fill(scores < threshold, float("-inf")))
+        tally.ran()
 
-    setattr(block, PREDICTOR_ATTRIBUTE, block.register_forward_hook(offer, with_kwargs=True))
+    handle = block.register_forward_hook(offer, with_kwargs=True)
+    setattr(block, PREDICTOR_ATTRIBUTE, handle)
+    probe_cache = SinkQuantizedCache(KVQuantConfig(sink_strategy="kvsink", num_sinks=1))
+    try:
+        require_runs(adapter.model, [tally], lambda: adapter.probe_kv_cache(probe_cache))
+    except BaseException:
+        handle.remove()  # a failed install leaves the model as it was
+        del block.__dict__[PREDICTOR_ATTRIBUTE]
+        raise
 
 
 def check_profile(adapter: Adapter, profile: SinkProfile) -> None:

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from quantsink.errors import CheckpointError, UserError
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter, KVPrefix, hidden_states_of
+from quantsink.models.probe import Tally, require_runs
 from quantsink.quantizers.base import Quantizer, target_linears
 from quantsink.recipe import PositiveInt
 from quantsink.registry import METHODS
@@ -128,7 +129,7 @@ class Registers:
         """Block `block`'s register standing for `copies` identical entries (a log(copies) logit weight)."""
         index = block - self.first_block
         weight = None if copies == 1 else torch.tensor([math.log(copies)], dtype=self.keys.dtype)
-        return KVPrefix(self.keys[index][:, None], self.values[index][:, None], weight)
+        return KVPrefix(self.keys[index][:, None], self.values[index][:, None], weight, Tally(f"the register prefix of block {block}"))
 
     def from_block(self, block: int) -> "Registers":
         index = block - self.first_block
@@ -136,15 +137,25 @@ class Registers:
 
 
 def install(adapter: Adapter, settings: RegCacheSettings, registers: Registers) -> contextlib.ExitStack:
-    """Put RegCache on `adapter`'s model; closing the returned stack takes it off."""
+    """Put RegCache on `adapter`'s model, proven by a probe forward to run; closing the returned
+    stack takes it off."""
     undo = contextlib.ExitStack()
+    tallies = []
     if settings.num_registers:
         for block in range(settings.prefix_start, adapter.num_blocks):
-            adapter.set_kv_prefix(block, registers.prefix(block, settings.num_registers))
+            prefix = registers.prefix(block, settings.num_registers)
+            adapter.set_kv_prefix(block, prefix)
             undo.callback(adapter.set_kv_prefix, block, None)
+            tallies.append(prefix.tally)
     if settings.delete_tokens:
         deletion = adapter.delete_tokens_at(settings.sensitive_layer, settings.delete_tokens, settings.refill)
         undo.callback(deletion.remove)
+        tallies.append(deletion.tally)
+    try:
+        require_runs(adapter.model, tallies, lambda: adapter.embed(adapter.probe_inputs()))
+    except BaseException:
+        undo.close()  # a failed install leaves the model as it was
+        raise
     return undo
 
 

@@ -11,20 +11,19 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from quantsink import io
 from quantsink.errors import CheckpointError, ModelLoadError, UserError
-from quantsink.models import hub
-from quantsink.models.base import ADAPTERS, Adapter, ModelSource
 from quantsink.models.catalog import CATALOG, SHORT_NAMES, SPEC_FORMS, unknown_name
-from quantsink.models.causal_lm import HFCausalLMAdapter  # noqa: F401  (registers the LM families)
-from quantsink.models.hf import HFAdapter
-from quantsink.models.open_clip import OpenCLIPAdapter
-from quantsink.models.timm import TimmViTAdapter
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from quantsink.models.base import Adapter, ModelSource
+    from quantsink.registry import Registry
 
 __all__ = ["Adapter", "ModelSource", "catalog", "rebuild", "resolve", "save_model"]
 
@@ -32,24 +31,70 @@ logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # ORG/NAME, as opposed to a path
 
+# Every model family, by the adapter that knows it, and the library its models come from. Nothing
+# here is imported until a spec, a saved folder or a module needs a family, so that listing the
+# catalog imports no torch, and open_clip and timm load only for their own models.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "hf-clip": ("quantsink.models.hf:HFCLIPAdapter", "transformers"),
+    "hf-siglip": ("quantsink.models.hf:HFSiglipAdapter", "transformers"),
+    "hf-siglip2": ("quantsink.models.hf:HFSiglip2Adapter", "transformers"),
+    "hf-dinov2": ("quantsink.models.hf:HFDinov2Adapter", "transformers"),
+    "hf-bert-text": ("quantsink.models.hf:HFBertTextAdapter", "transformers"),
+    "hf-llama": ("quantsink.models.causal_lm:HFLlamaAdapter", "transformers"),
+    "hf-phi3": ("quantsink.models.causal_lm:HFPhi3Adapter", "transformers"),
+    "hf-gpt-neox": ("quantsink.models.causal_lm:HFGPTNeoXAdapter", "transformers"),
+    "open-clip": ("quantsink.models.open_clip:OpenCLIPAdapter", "open_clip"),
+    "timm-vit": ("quantsink.models.timm:TimmViTAdapter", "timm"),
+}
+
+
+def adapters() -> "Registry[type[Adapter]]":
+    """ADAPTERS (quantsink.models.base), with every family of FAMILIES registered in it lazily."""
+    from quantsink.models.base import ADAPTERS
+
+    for family, (target, _library) in FAMILIES.items():
+        ADAPTERS.register_lazy(family, target)
+    return ADAPTERS
+
+
+def _families(library_ok: Callable[[str | None], bool]) -> list[type[Adapter]]:
+    """The adapters of the registered families whose library passes `library_ok` (None: a
+    family registered outside FAMILIES, e.g. by a plugin), importing only those."""
+    registry = adapters()
+    chosen = [name for name in registry.names() if library_ok(FAMILIES[name][1] if name in FAMILIES else None)]
+    return [registry.get(name) for name in chosen]
+
+
+def __getattr__(name: str) -> Any:  # Adapter and ModelSource import torch: only when asked for
+    if name in ("Adapter", "ModelSource"):
+        from quantsink.models import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def resolve(model: str | os.PathLike | nn.Module) -> Adapter:
     """The Adapter for a model spec or an in-memory module (see the module docstring)."""
-    if isinstance(model, nn.Module):
-        return _from_module(model)
+    if not isinstance(model, (str, os.PathLike)):
+        from torch import nn
+
+        if isinstance(model, nn.Module):
+            return _from_module(model)
     return _resolve(str(model), spec=str(model))
 
 
 def rebuild(source: ModelSource, assets_dir: Path | None = None) -> Adapter:
     """The architecture `source` describes, with random weights, and its preprocessing from
     `assets_dir` (a folder quantsink wrote): what loaders fill with saved weights."""
-    adapter = ADAPTERS.get(source.family).from_config(source.config, assets_dir=assets_dir)
+    adapter = adapters().get(source.family).from_config(source.config, assets_dir=assets_dir)
     adapter.source = source
     return adapter
 
 
 def save_model(adapter: Adapter, folder: str | os.PathLike) -> Path:
     """Write an unquantized folder that `resolve` loads again, offline."""
+    from quantsink import io
+
     with io.atomic_output_dir(folder) as staging:
         io.save_tensors(adapter.model.state_dict(), staging / io.WEIGHTS)
         adapter.save_assets(staging)
@@ -86,6 +131,8 @@ def _resolve(target: str, spec: str) -> Adapter:
 
 
 def _from_hf_hub(repo_id: str, spec: str) -> Adapter:
+    from quantsink.models import hub
+
     return _from_hf_folder(hub.snapshot(spec, repo_id), spec)
 
 
@@ -95,11 +142,11 @@ def _from_open_clip(name: str, spec: str) -> Adapter:
         raise UserError(
             f"{spec} names no weights: write open_clip:ARCH/PRETRAINED, e.g. open_clip:ViT-H-14/laion2b_s32b_b79k"
         )
-    return OpenCLIPAdapter.from_pretrained(arch, tag, spec)
+    return adapters().get("open-clip").from_pretrained(arch, tag, spec)
 
 
 def _from_timm(name: str, spec: str) -> Adapter:
-    return TimmViTAdapter.from_pretrained(name, spec)
+    return adapters().get("timm-vit").from_pretrained(name, spec)
 
 
 _HUB_LOADERS: dict[str, Callable[[str, str], Adapter]] = {
@@ -110,6 +157,8 @@ _HUB_LOADERS: dict[str, Callable[[str, str], Adapter]] = {
 
 
 def _from_folder(folder: Path, spec: str) -> Adapter:
+    from quantsink import io
+
     if (folder / io.MANIFEST).is_file():
         return _from_saved_folder(folder)
     if (folder / "config.json").is_file():
@@ -126,7 +175,9 @@ def _from_hf_folder(folder: Path, spec: str) -> Adapter:
         model_type = json.loads(config_path.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as error:
         raise ModelLoadError(f"{config_path} is not a readable model config ({error}): re-download the model") from None
-    families = [adapter for _, adapter in ADAPTERS.items() if issubclass(adapter, HFAdapter)]
+    from quantsink.models.hf import HFAdapter
+
+    families = [adapter for adapter in _families(lambda library: library in (None, "transformers")) if issubclass(adapter, HFAdapter)]
     for adapter in families:
         if model_type in adapter.model_types:
             return adapter.from_pretrained(folder, spec)
@@ -138,6 +189,9 @@ def _from_hf_folder(folder: Path, spec: str) -> Adapter:
 
 
 def _from_saved_folder(folder: Path) -> Adapter:
+    from quantsink import io
+    from quantsink.models.base import ModelSource
+
     manifest = io.read_manifest(folder)
     if manifest.get("quantization") is not None:
         raise UserError(
@@ -153,10 +207,12 @@ def _from_saved_folder(folder: Path) -> Adapter:
 
 
 def _from_module(model: nn.Module) -> Adapter:
-    for _, adapter in ADAPTERS.items():
+    # a model of a library exists only once that library is imported: the others' families are
+    # not candidates (and stay unimported)
+    for adapter in _families(lambda library: library is None or library in sys.modules):
         if adapter.handles(model):
             return adapter.from_module(model)
     raise UserError(
         f"quantsink has no adapter for a {type(model).__name__}: supported families are "
-        f"{', '.join(ADAPTERS.names())}; pass a model of one of them, or its spec ({SPEC_FORMS})"
+        f"{', '.join(adapters().names())}; pass a model of one of them, or its spec ({SPEC_FORMS})"
     )

@@ -24,12 +24,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.nn.attention import SDPBackend
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from quantsink.errors import UserError
+from quantsink.models.probe import Tally
 from quantsink.registry import Registry
 
 
@@ -65,6 +67,7 @@ class KVPrefix:
     keys: torch.Tensor
     values: torch.Tensor
     log_weights: torch.Tensor | None = None
+    tally: Tally | None = None  # records every attention call the prefix takes part in
 
 
 @dataclass
@@ -114,6 +117,8 @@ def attend(
             f"the attention kernel of {type(module).__name__} runs no softmax over its keys that quantsink can see: "
             "a key/value prefix cannot be merged with its output"
         )
+    if edits.prefix.tally is not None:
+        edits.prefix.tally.ran()
     prefix_output, prefix_logsumexp = _attend_prefix(query, edits.prefix, scale)
     # the prefix's share of the softmax over both parts, the sequence's being 1 - share: lerp
     # gives output + share * (prefix_output - output) in one pass, exact at both ends. A prefix
@@ -306,6 +311,11 @@ class Adapter(ABC):
     def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the model and return the (batch, dim) embedding fidelity is measured on."""
 
+    def probe_inputs(self) -> dict[str, torch.Tensor]:
+        """The smallest input of the model, for the probe forwards that prove what quantsink
+        installed runs (quantsink.models.probe): one tiny image, preprocessed as any other."""
+        return self.preprocess([Image.new("RGB", (32, 32), (124, 116, 104))])
+
     def token_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """(batch, tokens) bool mask of real tokens in block outputs, or None when all are real;
         with tokens deleted, `block_output_tokens` gives it for a block's output."""
@@ -490,6 +500,7 @@ class TokenDeletion:
         self.length = 0  # sequence length before the deletion, in the last forward
         self.batch = 0
         self.grids: list[tuple[int, int]] = []  # patch grid per sequence, for families whose grids vary
+        self.tally = Tally(f"the token deletion at block {block_index}")
         blocks = adapter.blocks()
         self._handles = [blocks[block_index].register_forward_pre_hook(self._delete, with_kwargs=True)]
         self._handles += [block.register_forward_pre_hook(self._follow, with_kwargs=True) for block in blocks[block_index + 1 :]]
@@ -523,6 +534,7 @@ class TokenDeletion:
         if mask is not None:
             deletable &= ~_key_padding(mask, self.batch)
         count = min(self.count, int(deletable.sum(dim=-1).min()))
+        self.tally.ran()
         norms = hidden.abs().amax(dim=-1).masked_fill(~deletable, float("-inf"))
         keep = torch.ones_like(deletable).scatter_(1, norms.topk(count, dim=-1).indices, False)
         self.kept = keep.nonzero()[:, 1].view(self.batch, self.length - count)

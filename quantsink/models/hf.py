@@ -376,6 +376,11 @@ class HFTextAdapter(HFAdapter):
             )
         return self.processor
 
+    def probe_inputs(self) -> dict[str, torch.Tensor]:
+        """Two tokens, by id: a probe needs no tokenizer."""
+        input_ids = torch.tensor([[0, 1]])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
 
 @register_adapter
 class HFBertTextAdapter(HFTextAdapter):

@@ -95,6 +95,11 @@ class Quantizer(ABC):
     def freeze(self, model: nn.Module) -> None:
         ...
 
+    def runtime(self, model: nn.Module) -> dict[str, Any]:
+        """How the frozen model's quantized layers execute here (kernels chosen for this
+        machine), for the report; {} when nothing is chosen at run time."""
+        return {}
+
     @abstractmethod
     def state(self, model: nn.Module) -> dict[str, Any]:
         ...

@@ -1,14 +1,16 @@
 """The `int8` backend: Linear layers that really run in int8.
 
-Weights are int8 per output channel (or per tensor), symmetric; inputs are int8 with one static
-scale calibrated like the `fake` backend's, or dynamic scales per token (or per tensor). The
-product runs as int8 x int8 -> int32 (`torch._int_mm`) and is rescaled once by
-input_scale * weight_scale. The integers and scales are the `fake` backend's own: calibration
-is FakeQuantLinear's, and `freeze` converts the calibrated modules, so both backends give the
-same outputs up to float rounding (the int8 sum is exact, the fake one is rounded per term).
+Weights are int8 per output channel (or per tensor), symmetric; inputs are 8-bit (or 7-bit)
+integer codes with one static scale calibrated like the `fake` backend's, or dynamic scales per
+token (or per tensor). The product runs on the int8 kernel `kernels.chosen` measured fastest
+among those exact on this machine (int8 x int8 -> int32, rescaled once by input_scale *
+weight_scale). The integers and scales are the `fake` backend's own: calibration is
+FakeQuantLinear's, and `freeze` converts the calibrated modules, so both backends give the
+same outputs up to float rounding (the integer sum is exact, the fake one is rounded per term).
 
-Settings int8 cannot run (other bit widths, asymmetric ranges, weight groups) are refused when
-the quantizer is constructed, before calibration starts.
+7-bit inputs are for CPUs without VNNI, where the fast uint8 kernels are exact for 7-bit codes
+only (see kernels.py). Settings int8 cannot run (other bit widths, asymmetric ranges, weight
+groups) are refused when the quantizer is constructed, before calibration starts.
 """
 from __future__ import annotations
 
@@ -17,18 +19,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from quantsink.quantizers import kernels
 from quantsink.quantizers.base import replace_module
 from quantsink.quantizers.fake import FakeQuantizer, FakeQuantLinear, weight_qparams_shape, weight_rows
-from quantsink.quantizers.functional import qparams_from_range, qrange, quantize
+from quantsink.quantizers.functional import qparams_from_range, quantize
 from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
 from quantsink.registry import QUANTIZERS
 
 BITS = 8
-
-# cuBLAS's int8 GEMM behind torch._int_mm takes more than 16 rows and K, N multiples of 8;
-# the CPU kernel takes any shape.
-CUDA_MIN_ROWS = 17
-CUDA_MULTIPLE = 8
+INPUT_BITS = (8, 7)
 
 
 def int8_incompatibility(config: QuantizationConfig) -> Optional[str]:
@@ -42,31 +41,21 @@ def int8_incompatibility(config: QuantizationConfig) -> Optional[str]:
         return "quantization.weights.symmetric is false, int8 layers need symmetric weights"
     if weights.granularity == "per_group":
         return "quantization.weights.granularity is per_group, int8 layers take per_channel or per_tensor"
-    if activations is not None and activations.bits != BITS:
-        return f"quantization.activations.bits is {activations.bits}, int8 layers run 8 (or null: weight-only)"
+    if activations is not None and activations.bits not in INPUT_BITS:
+        return (f"quantization.activations.bits is {activations.bits}, int8 layers run 8 or 7 "
+                "(or null: weight-only)")
     if activations is not None and not activations.symmetric:
         return "quantization.activations.symmetric is false, int8 layers need symmetric activations"
     return None
 
 
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, K) int8 @ (K, N) int8 -> (M, N) int32, exactly, whatever the shape."""
-    if a.device.type == "cpu":
-        return torch._int_mm(a, b)
-    if a.device.type == "cuda" and a.shape[1] % CUDA_MULTIPLE == 0 and b.shape[1] % CUDA_MULTIPLE == 0:
-        rows = a.shape[0]
-        if rows < CUDA_MIN_ROWS:  # zero rows add nothing to the others
-            a = torch.cat([a, a.new_zeros(CUDA_MIN_ROWS - rows, a.shape[1])])
-        return torch._int_mm(a, b)[:rows]
-    # float64 holds every int32 sum of int8 products exactly up to K = 2**53 / 127**2
-    return (a.double() @ b.double()).to(torch.int32)
-
-
 class Int8Linear(nn.Module):
-    """y = (q_x @ q_w^T) * (input_scale * weight_scale) + bias, with q_x and q_w int8.
+    """y = (q_x @ q_w^T) * (input_scale * weight_scale) + bias, with q_x and q_w integers.
 
     State: `weight` (int8, out x in), `weight_scale` ((out, 1) or (1,)), `input_scale` ((1,),
-    static inputs only), `bias`: the names and shapes compressed-tensors gives a W8A8 layer."""
+    static inputs only), `bias`: the names and shapes compressed-tensors gives a W8A8 layer.
+    The chosen kernel's packed weight is derived from them on first use, and again whenever one
+    of them changes (a load, a move): it is never saved."""
 
     def __init__(
         self,
@@ -84,6 +73,7 @@ class Int8Linear(nn.Module):
         if activations is not None and not activations.dynamic:
             self.register_buffer("input_scale", torch.ones(1))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._packed: Optional[tuple[tuple, kernels.Int8Kernel, Any]] = None
 
     @classmethod
     @torch.no_grad()
@@ -101,49 +91,60 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        weight_scale = self.weight_scale.reshape(1, -1).float()
         if self.activation_args is None:
-            out = rows.float() @ self.weight.t().float()
+            bias = None if self.bias is None else self.bias.float()
+            out = kernels.rescale(rows.float() @ self.weight.t().float(), self.weight_scale.reshape(1, -1).float(), None, bias)
         else:
-            q, input_scale = self.quantize_input(rows)
-            out = int8_matmul(q, self.weight.t()).float()
-            # float32 scales (an int32 sum times a bf16 scale would round to bf16 first), applied
-            # in place and with the bias: the output is the largest tensor the layer touches,
-            # and on CPU every extra pass over it eats into what the int8 product saved
-            if input_scale.shape[0] == 1:
-                weight_scale = input_scale.float() * weight_scale
-            else:
-                out.mul_(input_scale.float())
-        if self.bias is None:
-            out.mul_(weight_scale)
-        else:
-            torch.addcmul(self.bias.float(), out, weight_scale, out=out)
+            kernel, packed = self.packed(rows.device)
+            codes, row_scale = self.quantize_input(rows, kernel)
+            out = kernel.run(packed, codes, row_scale)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def quantize_input(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 rows and their scale ((1, 1) or (rows, 1)), rounded as FakeQuantLinear.quantize_input rounds them."""
+    def quantize_input(self, rows: torch.Tensor, kernel: kernels.Int8Kernel) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The rows' codes as `kernel` takes them, rounded as FakeQuantLinear.quantize_input rounds
+        them, and their dynamic scale ((1, 1) or (rows, 1); None for a static scale, which the
+        packed weight holds)."""
         args = self.activation_args
         if not args.dynamic:
-            return quantize_symmetric_int8(rows, self.input_scale.reshape(1, 1)), self.input_scale.reshape(1, 1)
+            return kernels.to_codes(rows, self.input_scale.reshape(1, 1), args.bits, kernel), None
         # amin and amax rather than aminmax: the fused reduction is far slower on CPU
         if args.granularity == "per_token":
             lo, hi = rows.amin(dim=-1, keepdim=True), rows.amax(dim=-1, keepdim=True)
         else:
             lo, hi = rows.min().reshape(1, 1), rows.max().reshape(1, 1)
-        scale, _ = qparams_from_range(lo, hi, BITS, symmetric=True)
-        # a range's own scale maps it inside [-127, 127]: nothing to clamp
-        return torch.div(rows, scale).round_().to(torch.int8), scale
+        scale, _ = qparams_from_range(lo, hi, args.bits, symmetric=True)
+        # a range's own scale maps it inside the code range: nothing to clamp
+        return kernels.to_codes(rows, scale, args.bits, kernel, clamp=False), scale.float()
+
+    def packed(self, device: torch.device) -> tuple[kernels.Int8Kernel, Any]:
+        """The chosen kernel and this layer's weight packed for it, packed again when the kernel
+        or any state tensor changed (identity and in-place version)."""
+        kernel = kernels.chosen(device, self.activation_args.bits)
+        state = (self.weight, self.weight_scale, getattr(self, "input_scale", None), self.bias)
+        key = (kernel.name, *(stamp(tensor) for tensor in state if tensor is not None))
+        if self._packed is None or self._packed[0] != key:
+            with torch.no_grad():
+                weight_scale = self.weight_scale.reshape(-1).float().expand(self.out_features).contiguous()
+                input_scale = self.input_scale.float() if hasattr(self, "input_scale") else None
+                bias = None if self.bias is None else self.bias.float()
+                packed = kernel.pack(self.weight, weight_scale, input_scale, bias, self.activation_args.bits)
+            self._packed = (key, kernel, packed)
+        return kernel, self._packed[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # packed weights are derived, and some (oneDNN's) cannot be copied: copies pack anew
+        return {**super().__getstate__(), "_packed": None}
 
     def extra_repr(self) -> str:
-        inputs = "a-fp" if self.activation_args is None else f"a8-{'dynamic' if self.activation_args.dynamic else 'static'}"
+        args = self.activation_args
+        inputs = "a-fp" if args is None else f"a{args.bits}-{'dynamic' if args.dynamic else 'static'}"
         return f"in_features={self.in_features}, out_features={self.out_features}, w8{inputs}"
 
 
-def quantize_symmetric_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """`functional.quantize(x, scale, 0, 8, symmetric=True)` as int8, computed in place: the
-    same rounding and clamping in two passes fewer over the activations."""
-    qmin, qmax = qrange(BITS, symmetric=True)
-    return torch.div(x, scale).round_().clamp_(qmin, qmax).to(torch.int8)
+def stamp(tensor: torch.Tensor) -> tuple[int, int]:
+    """What changes when a tensor is replaced or written in place (inference tensors keep no
+    version: they are never written outside inference mode)."""
+    return tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version
 
 
 def grid_weight(fake: FakeQuantLinear) -> torch.Tensor:
@@ -165,6 +166,12 @@ class Int8Quantizer(FakeQuantizer):
         super().freeze(model)
         for name, module in self.quantized_modules(model).items():
             replace_module(model, name, Int8Linear.from_fake(module))
+
+    def runtime(self, model: nn.Module) -> dict[str, Any]:
+        devices = {module.weight.device for module in self.int8_modules(model).values()}
+        if self.config.activations is None:  # weight-only layers multiply in float: no kernel to choose
+            return {}
+        return {"int8_kernels": [kernels.describe(device, self.config.activations.bits) for device in sorted(devices, key=str)]}
 
     def int8_modules(self, model: nn.Module) -> dict[str, Int8Linear]:
         return {name: module for name, module in model.named_modules() if isinstance(module, Int8Linear)}

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from quantsink.quantizers import kernels
 from quantsink.quantizers.base import Quantizer, target_linears, module_to_restore
 from quantsink.quantizers.functional import qparams_from_range
 from quantsink.recipe import QuantizationConfig
@@ -126,6 +127,7 @@ class TorchAOQuantizer(Quantizer):
             scale = self.input_scale(name).to(linear.weight.device) if self.static else None
             apply_workflow(linear, self.workflow(scale))
         self.observers = {}
+        self.check_int_mm()
 
     def state(self, model: nn.Module) -> dict[str, Any]:
         """Per module, the rank of its static input scale (None: dynamic or weight-only)."""
@@ -142,6 +144,14 @@ class TorchAOQuantizer(Quantizer):
             scale = torch.ones((1,) * rank, device=linear.weight.device) if rank is not None else None
             apply_workflow(linear, self.workflow(scale))
             self.targets[name] = linear
+        self.check_int_mm()
+
+    def check_int_mm(self) -> None:
+        """torchao multiplies int8 inputs with torch._int_mm, which is slow (or inexact) on some
+        CPUs: the int8 backend's measurement says so, once."""
+        if self.config.activations is not None:
+            for device in {linear.weight.device for linear in self.targets.values()}:
+                kernels.warn_about_int_mm(device)
 
 
 def apply_workflow(linear: nn.Linear, workflow: Any) -> None:
