@@ -15,6 +15,7 @@ from quantsink.errors import UserError
 from quantsink.methods import kv_static, kvsink
 from quantsink.methods.regcache import Registers, RegCacheSettings
 from quantsink.methods.regcache import install as install_regcache
+from quantsink.models.handles import installed
 from quantsink.models.probe import NotRunError
 from quantsink.testing.tiny import TINY_CAUSAL_LMS, build_tiny, build_tiny_causal_lm
 
@@ -64,8 +65,7 @@ def test_kv_static_quantizes_the_keys_and_values_it_is_installed_on():
     expected = logits(adapter, inputs)
     handles = kv_static.install(adapter, SCALES, SCALES, bits=2)
     assert (logits(adapter, inputs) - expected).abs().max() > 1e-3
-    for handle in handles:
-        handle.remove()
+    handles.remove()
     assert torch.equal(logits(adapter, inputs), expected)
 
 
@@ -120,8 +120,7 @@ def test_a_sink_predictor_that_never_sees_the_cache_fails_the_install(monkeypatc
     with pytest.raises(NotRunError) as error:
         kvsink.install(adapter, PROFILE)
     assert one_line(error).startswith("the kvsink sink predictor on decoder block 0 did not run in a probe forward of LlamaForCausalLM")
-    block = adapter.blocks()[0]
-    assert not block._forward_hooks and kvsink.PREDICTOR_ATTRIBUTE not in block.__dict__
+    assert not adapter.blocks()[0]._forward_hooks and "kvsink" not in installed(adapter.model)
 
 
 def test_the_sink_predictor_offers_sinks_once_installed():
@@ -144,9 +143,9 @@ def test_regcache_installs_and_comes_off_exactly():
     adapter = build_tiny("hf-clip")
     inputs = adapter.probe_inputs()
     expected = adapter.embed(inputs)
-    installed = regcache_on(adapter)
+    regcache = regcache_on(adapter)
     assert not torch.allclose(adapter.embed(inputs), expected)
-    installed.close()
+    regcache.remove()
     assert torch.equal(adapter.embed(inputs), expected)
 
 
@@ -174,3 +173,48 @@ def test_a_targeted_linear_the_model_never_calls_fails_calibration():
     assert one_line(error).startswith("quantized module vision_model.unused did not run in the calibration pass of "
                                       "CLIPVisionModelWithProjection")
     assert one_line(error).endswith("the model never calls it; add it to quantization.ignore")
+
+
+# --- one install idiom: installing twice replaces, removing restores the outputs exactly ----
+def test_kv_static_installed_twice_replaces_and_comes_off_exactly():
+    adapter = build_tiny_causal_lm("llama")
+    inputs = adapter.preprocess(["the cat sat on the mat ."])
+    expected = logits(adapter, inputs)
+    kv_static.install(adapter, SCALES, SCALES, bits=2)
+    once = logits(adapter, inputs)
+    handles = kv_static.install(adapter, SCALES, SCALES, bits=2)
+    assert torch.equal(logits(adapter, inputs), once)
+    assert all(len(adapter.attention(block)._forward_pre_hooks) == 1 for block in range(adapter.num_blocks))
+    handles.remove()
+    assert torch.equal(logits(adapter, inputs), expected) and not installed(adapter.model)
+
+
+def test_kvsink_installed_twice_replaces_and_comes_off_exactly():
+    adapter = build_tiny_causal_lm("llama")
+    inputs = adapter.preprocess(["the cat sat on the mat ."])
+    expected = logits(adapter, inputs)
+    sink_cache = lambda: kvsink.SinkQuantizedCache(kvsink.KVQuantConfig(bits=2, group_size=4, residual_length=0,
+                                                                         sink_strategy="kvsink", num_sinks=2))
+    kvsink.install(adapter, PROFILE)
+    once = logits(adapter, inputs, sink_cache())
+    handles = kvsink.install(adapter, PROFILE)
+    assert torch.equal(logits(adapter, inputs, sink_cache()), once)
+    assert len(adapter.blocks()[0]._forward_hooks) == 1
+    handles.remove()
+    assert torch.equal(logits(adapter, inputs), expected)
+    assert not adapter.blocks()[0]._forward_hooks and not installed(adapter.model)
+
+
+def test_regcache_installed_twice_replaces_and_comes_off_exactly():
+    adapter = build_tiny("hf-clip")
+    inputs = adapter.probe_inputs()
+    expected = adapter.embed(inputs)
+    torch.manual_seed(0)
+    regcache_on(adapter)
+    once = adapter.embed(inputs)
+    torch.manual_seed(0)
+    regcache = regcache_on(adapter)
+    assert torch.equal(adapter.embed(inputs), once)
+    assert len(adapter.blocks()[1]._forward_pre_hooks) == 1  # one deletion, not two
+    regcache.remove()
+    assert torch.equal(adapter.embed(inputs), expected) and not installed(adapter.model)

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from quantsink.compressed_tensors_format import fake_quantize_signed_grid
@@ -29,6 +28,7 @@ from quantsink.errors import CheckpointError
 from quantsink.kvcache import require_kv_cache
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter
+from quantsink.models.handles import HandleSet, installing
 from quantsink.models.probe import Tally, require_runs
 from quantsink.quantizers.functional import qparams_from_range, qrange
 from quantsink.recipe import Bits, ObserverName
@@ -88,24 +88,20 @@ def calibrate(
     return torch.stack([keys for keys, _ in scales]), torch.stack([values for _, values in scales])
 
 
-def install(adapter: Adapter, key_scales: torch.Tensor, value_scales: torch.Tensor, bits: int) -> list[RemovableHandle]:
+def install(adapter: Adapter, key_scales: torch.Tensor, value_scales: torch.Tensor, bits: int) -> HandleSet:
     """Quantize every attention's keys and values with its row of (blocks, groups) scales,
-    proven by a probe forward to run in every block; the handles take it off."""
-    handles, tallies = [], []
-    for block in range(adapter.num_blocks):
-        key_scale, value_scale = key_scales[block].reshape(-1, 1, 1), value_scales[block].reshape(-1, 1, 1)
+    proven by a probe forward to run in every block."""
+    with installing(adapter.model, "kv-static") as handles:
+        tallies = []
+        for block in range(adapter.num_blocks):
+            key_scale, value_scale = key_scales[block].reshape(-1, 1, 1), value_scales[block].reshape(-1, 1, 1)
 
-        def quantize(keys: torch.Tensor, values: torch.Tensor, key_scale=key_scale, value_scale=value_scale):
-            return fake_quantize_signed_grid(keys, key_scale, bits), fake_quantize_signed_grid(values, value_scale, bits)
+            def quantize(keys: torch.Tensor, values: torch.Tensor, key_scale=key_scale, value_scale=value_scale):
+                return fake_quantize_signed_grid(keys, key_scale, bits), fake_quantize_signed_grid(values, value_scale, bits)
 
-        tallies.append(Tally(f"the kv-static K/V quantization of decoder block {block}"))
-        handles.append(adapter.transform_kv(block, quantize, tallies[-1]))
-    try:
+            tallies.append(Tally(f"the kv-static K/V quantization of decoder block {block}"))
+            handles.add(adapter.transform_kv(block, quantize, tallies[-1]))
         require_runs(adapter.model, tallies, lambda: adapter.embed(adapter.probe_inputs()))
-    except BaseException:
-        for handle in handles:  # a failed install leaves the model as it was
-            handle.remove()
-        raise
     return handles
 
 
@@ -118,7 +114,7 @@ class KVStatic(Method):
         super().__init__(options)
         self.key_scales: torch.Tensor | None = None  # (blocks, groups)
         self.value_scales: torch.Tensor | None = None
-        self.handles: list[RemovableHandle] = []  # what install put on the model
+        self.handles: HandleSet | None = None  # what install put on the model
 
     def apply(self, context: MethodContext) -> dict[str, Any]:
         require_causal_lm(context.adapter)

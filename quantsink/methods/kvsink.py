@@ -40,13 +40,11 @@ from quantsink.errors import CheckpointError, UserError
 from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache, require_kv_cache
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter, hidden_states_of
+from quantsink.models.handles import HandleSet, installing
 from quantsink.models.probe import Tally, require_runs
 from quantsink.registry import METHODS
 
 log = logging.getLogger(__name__)
-
-# The hook lives on the block as a plain attribute holder, so reinstalling replaces it.
-PREDICTOR_ATTRIBUTE = "quantsink_sink_predictor"
 
 
 class KVSinkOptions(BaseModel):
@@ -142,13 +140,11 @@ def profile_sinks(
     )
 
 
-def install(adapter: Adapter, profile: SinkProfile) -> None:
-    """Hook block l_E so every forward call offers its tokens' sink scores to its cache."""
+def install(adapter: Adapter, profile: SinkProfile) -> HandleSet:
+    """Hook block l_E so every forward call offers its tokens' sink scores to its cache; a probe
+    forward proves the hook finds the cache."""
     check_profile(adapter, profile)
     block = adapter.blocks()[profile.emergence_layer]
-    previous = block.__dict__.get(PREDICTOR_ATTRIBUTE)
-    if previous is not None:
-        previous.remove()
     channel, threshold = profile.channel, profile.threshold
     tally = Tally(f"the kvsink sink predictor on decoder block {profile.emergence_layer}")
 
@@ -160,15 +156,11 @@ def install(adapter: Adapter, profile: SinkProfile) -> None:
         cache.offer_sinks(scores.masked_fill(scores < threshold, float("-inf")))
         tally.ran()
 
-    handle = block.register_forward_hook(offer, with_kwargs=True)
-    setattr(block, PREDICTOR_ATTRIBUTE, handle)
-    probe_cache = SinkQuantizedCache(KVQuantConfig(sink_strategy="kvsink", num_sinks=1))
-    try:
+    with installing(adapter.model, "kvsink") as handles:
+        handles.add(block.register_forward_hook(offer, with_kwargs=True))
+        probe_cache = SinkQuantizedCache(KVQuantConfig(sink_strategy="kvsink", num_sinks=1))
         require_runs(adapter.model, [tally], lambda: adapter.probe_kv_cache(probe_cache))
-    except BaseException:
-        handle.remove()  # a failed install leaves the model as it was
-        del block.__dict__[PREDICTOR_ATTRIBUTE]
-        raise
+    return handles
 
 
 def check_profile(adapter: Adapter, profile: SinkProfile) -> None:

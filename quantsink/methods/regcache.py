@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm
 from quantsink.errors import CheckpointError, UserError
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter, KVPrefix, hidden_states_of
+from quantsink.models.handles import HandleSet, installing
 from quantsink.models.probe import Tally, require_runs
 from quantsink.quantizers.base import Quantizer, target_linears
 from quantsink.recipe import PositiveInt
@@ -136,27 +138,22 @@ class Registers:
         return Registers(self.keys[index:], self.values[index:], block)
 
 
-def install(adapter: Adapter, settings: RegCacheSettings, registers: Registers) -> contextlib.ExitStack:
-    """Put RegCache on `adapter`'s model, proven by a probe forward to run; closing the returned
-    stack takes it off."""
-    undo = contextlib.ExitStack()
-    tallies = []
-    if settings.num_registers:
-        for block in range(settings.prefix_start, adapter.num_blocks):
-            prefix = registers.prefix(block, settings.num_registers)
-            adapter.set_kv_prefix(block, prefix)
-            undo.callback(adapter.set_kv_prefix, block, None)
-            tallies.append(prefix.tally)
-    if settings.delete_tokens:
-        deletion = adapter.delete_tokens_at(settings.sensitive_layer, settings.delete_tokens, settings.refill)
-        undo.callback(deletion.remove)
-        tallies.append(deletion.tally)
-    try:
+def install(adapter: Adapter, settings: RegCacheSettings, registers: Registers) -> HandleSet:
+    """Put RegCache on `adapter`'s model, proven by a probe forward to run; `.remove()` (or the
+    end of a `with` block) takes it off."""
+    with installing(adapter.model, "regcache") as handles:
+        tallies = []
+        if settings.num_registers:
+            for block in range(settings.prefix_start, adapter.num_blocks):
+                prefix = registers.prefix(block, settings.num_registers)
+                adapter.set_kv_prefix(block, prefix)
+                handles.on_remove(functools.partial(adapter.set_kv_prefix, block, None))
+                tallies.append(prefix.tally)
+        if settings.delete_tokens:
+            deletion = handles.add(adapter.delete_tokens_at(settings.sensitive_layer, settings.delete_tokens, settings.refill))
+            tallies.append(deletion.tally)
         require_runs(adapter.model, tallies, lambda: adapter.embed(adapter.probe_inputs()))
-    except BaseException:
-        undo.close()  # a failed install leaves the model as it was
-        raise
-    return undo
+    return handles
 
 
 @METHODS.register("regcache")
