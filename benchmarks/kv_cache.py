@@ -24,7 +24,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import quantsink
 from quantsink.evaluate import compare_kv_caches
-from quantsink.kvcache import build_kv_cache
+from quantsink.kv.attach import build_kv_cache
 from quantsink.methods.kvsink import SinkProfile, install
 from quantsink.models import resolve
 from quantsink.recipe import Recipe

@@ -4,7 +4,7 @@
 RegCache's cost does not depend on the weights: tau registers in front of the keys and values of
 every block from prefix_start (one entry weighted log(tau) per attention, see
 quantsink.methods.regcache, attended apart from the sequence's own keys and merged by logsumexp,
-see quantsink.models.base.attend), and k~ tokens gathered out at block l_q. Deleting tokens
+see quantsink.models.attention.attend), and k~ tokens gathered out at block l_q. Deleting tokens
 shortens the sequence and so saves time; the prefix alone shows the overhead. Settings: prefix
 from block 3 (of 12), tau 15; deletion at block 5, k~ 10 (the top of the searched ranges).
 

@@ -19,21 +19,16 @@ from quantsink.calibration import ActivationStats, StatisticsCollector
 from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
 from quantsink.evaluate import KVComparison, compare_kv_caches, embed_batches, fidelity
-from quantsink.kvcache import (
-    KVMemory,
-    SinkQuantizedCache,
-    attach_kv_cache_config,
-    build_kv_cache,
-    describe_kv_cache,
-    kv_cache_config_of,
-    require_kv_cache,
-)
+from quantsink.kv.attach import attach_kv_cache, build_kv_cache, kv_cache_scheme_of, require_kv_cache
+from quantsink.kv.cache import SinkQuantizedCache
+from quantsink.kv.scheme import KVCacheScheme
+from quantsink.kv.storage import KVMemory
 from quantsink.models import resolve
 from quantsink.models.base import Adapter
 from quantsink.models.probe import require_modules_run, require_runs, tallied_modules
 from quantsink.quantizers.base import Quantizer
-from quantsink.recipe import KVCacheConfig, Recipe
-from quantsink.methods.base import Method, MethodContext
+from quantsink.recipe import Recipe
+from quantsink.methods.base import Method, MethodContext, require_capabilities
 from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
 
 log = logging.getLogger(__name__)
@@ -74,6 +69,7 @@ def quantize(
     spec = model if model is not None else recipe.model
     if spec is None:
         raise UserError("no model given: pass MODEL or set 'model:' in the recipe")
+    methods = [METHODS.get(name)(METHODS.get(name).validate_options(options)) for name, options in recipe.method_entries()]
     if recipe.quantization is not None:
         # refuse an export that cannot hold this quantization before any calibration is spent on it
         problem = EXPORT_FORMATS.get(recipe.export.format).check(recipe.quantization)
@@ -81,18 +77,22 @@ def quantize(
             raise UserError(problem)
     adapter = resolve(spec)
     if recipe.kv_cache is not None:
-        require_kv_cache(adapter)
+        # static scales are calibrated by the kv-static method, named as it is in the folder
+        require_kv_cache(adapter, "kv-static" if recipe.kv_cache.scales == "static" else "a kv_cache recipe")
+    for method in methods:
+        require_capabilities(method, adapter)
     settings = recipe.calibration
     samples = load_samples(settings.data, adapter.modality, settings.num_samples, settings.holdout, settings.seed, settings.seq_len)
     holdout_inputs = preprocess_all(adapter, samples.holdout, settings.batch_size, settings.seq_len)
     calibration_inputs = preprocess_all(adapter, samples.calibration, settings.batch_size, settings.seq_len)
-    reference = embed_batches(adapter, holdout_inputs) if recipe.quantization is not None else None
+    # static KV scales go into the model as weights do: measured as the model's fidelity
+    static_kv = recipe.kv_cache is not None and recipe.kv_cache.scales == "static"
+    reference = embed_batches(adapter, holdout_inputs) if recipe.quantization is not None or static_kv else None
 
     def make_quantizer() -> Quantizer:
         return QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
 
     context = MethodContext(adapter, recipe, calibration_inputs, make_quantizer, progress)
-    methods = [METHODS.get(name)(METHODS.get(name).validate_options(options)) for name, options in method_entries(recipe)]
     method_reports = {method.name: method.apply(context) for method in methods}
     report: dict[str, Any] = {
         "model": adapter.source.spec,
@@ -126,23 +126,17 @@ def quantize(
         stats = collector.result()
         report["quantized_modules"] = len(targets)
         report.update(quantizer.runtime(adapter.model))
-        report["fidelity"] = fidelity(reference, embed_batches(adapter, holdout_inputs))
         report["outliers"] = stats.summary()
+    if reference is not None:
+        report["fidelity"] = fidelity(reference, embed_batches(adapter, holdout_inputs))
         log.info("holdout cosine %.4f (min %.4f)", report["fidelity"]["cosine_mean"], report["fidelity"]["cosine_min"])
     if recipe.kv_cache is not None:
-        attach_kv_cache_config(adapter.model, recipe.kv_cache)
-        report["kv_cache"] = kv_cache_fidelity(adapter, holdout_inputs, recipe.kv_cache, progress=progress)
+        attach_kv_cache(adapter, recipe.kv_cache)
+        if not static_kv:
+            report["kv_cache"] = kv_cache_fidelity(adapter, holdout_inputs, recipe.kv_cache, progress=progress)
     return QuantizationResult(adapter=adapter, recipe=recipe, quantizer=quantizer, methods=methods, stats=stats, report=report)
 
 
-def method_entries(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
-    """(name, options) of every method the recipe asks for: its `methods` list, then the sink
-    predictor its kv_cache section names."""
-    entries = [(name, options) for entry in recipe.methods for name, options in entry.items()]
-    sinks = recipe.kv_cache.sinks if recipe.kv_cache is not None else None
-    if sinks is not None and sinks.method == "kvsink":
-        entries.append(("kvsink", sinks.profile or {}))
-    return entries
 
 
 def preprocess_all(adapter: Adapter, samples: list[Any], batch_size: int, max_length: Optional[int]) -> list[dict[str, Any]]:
@@ -164,25 +158,30 @@ def kv_cache(model: nn.Module | QuantizationResult) -> Cache:
     recipe's kv_cache section says; pass it to `generate` or a forward call as `past_key_values=`
     (`cache=` from transformers 5.24)."""
     module = model.model if isinstance(model, QuantizationResult) else model
-    return build_kv_cache(kv_cache_config_of(module), resolve(module))
+    return build_kv_cache(kv_cache_scheme_of(module), resolve(module))
 
 
 def kv_cache_fidelity(
-    adapter: Adapter, batches: list[dict[str, Any]], config: KVCacheConfig, chunk_size: int = 16, progress: bool = True
+    adapter: Adapter, batches: list[dict[str, Any]], scheme: KVCacheScheme, chunk_size: int = 16, progress: bool = True
 ) -> dict[str, Any]:
     """Perplexity with the full-precision cache and with the quantized one, and the per-token KL
     between their next-token distributions, over `batches` fed through both caches in chunks of
     `chunk_size` tokens; plus what the quantized cache costs per token."""
+    if scheme.scales == "static":
+        raise UserError(
+            "kv_cache.scales is static: the model quantizes its own keys and values, so a full-precision cache "
+            "compares with nothing; its fidelity is in OUT/report.json (fidelity), written by quantsink quantize"
+        )
     comparisons, memories = [], []
     for inputs in tqdm(batches, desc="kv cache eval", unit="batch", disable=not progress):
-        cache = build_kv_cache(config, adapter)
+        cache = build_kv_cache(scheme, adapter)
         comparisons.append(compare_kv_caches(adapter.model, inputs["input_ids"], cache, chunk_size, inputs.get("attention_mask")))
         if isinstance(cache, SinkQuantizedCache):  # other backends do not account for their storage
             memories.append(cache.memory())
     comparison = KVComparison.combine(comparisons)
     memory = KVMemory.sum(memories) if memories else None
     return {
-        "scheme": describe_kv_cache(config),
+        "scheme": scheme.describe(),
         "chunk_size": chunk_size,
         "tokens": comparison.tokens,
         "perplexity_reference": comparison.perplexity_reference,
@@ -206,7 +205,7 @@ def evaluate_kv_cache(
     it as OUT/eval.json."""
     folder = Path(folder)
     adapter = export.load_adapter(folder)
-    config = kv_cache_config_of(adapter.model)
+    scheme = kv_cache_scheme_of(adapter.model)
     recipe = Recipe.from_dict(io.read_manifest(folder)["recipe"], origin=str(folder / io.MANIFEST))
     settings = recipe.calibration
     if text is None:
@@ -217,7 +216,7 @@ def evaluate_kv_cache(
         samples = load_samples(text, "text", num_samples or settings.holdout, 0, settings.seed, settings.seq_len).calibration
         source = text
     batches = preprocess_all(adapter, samples, settings.batch_size, settings.seq_len)
-    result = {"text": source, "samples": len(samples), **kv_cache_fidelity(adapter, batches, config, chunk_size, progress)}
+    result = {"text": source, "samples": len(samples), **kv_cache_fidelity(adapter, batches, scheme, chunk_size, progress)}
     if write:
         io.write_json_atomically(folder / "eval.json", result)
     return result

@@ -13,6 +13,40 @@ from quantsink.errors import UserError
 log = logging.getLogger("quantsink")
 
 
+class _DropThirdPartyNoise(logging.Filter):
+    """Drops log records that dependencies emit at import and that tell a quantsink user
+    nothing they can act on. Only the exact messages listed; quantsink's own loggers untouched."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+# Only exact messages, each on the logger of the module that emits it:
+_NOISE = {
+    # torchao (imported by transformers whenever it is installed) registers its enums as pytree
+    # constants, and torch >= 2.14 warns once per enum that this is deprecated: a note for
+    # torchao's developers, printed on every run that loads a transformers model
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",
+    # optimum-quanto imports torch's extension builder, which warns on a machine with a CUDA
+    # toolkit and no GPU; quantsink builds no extension (on CPU quanto runs its Python kernels)
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+}
+
+
+def drop_third_party_noise() -> None:
+    """The CLI's own logging setup, like basicConfig: done when it runs, never at import, and
+    once however often `main` runs in one process."""
+    for name, fragment in _NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _DropThirdPartyNoise) for existing in logger.filters):
+            logger.addFilter(_DropThirdPartyNoise(fragment))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantsink", description="Post-training quantization for transformers with sink tokens."
@@ -134,6 +168,7 @@ def run_models(_args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    drop_third_party_noise()
     if args.quiet and args.command != "models":  # `models` loads nothing: keep it free of transformers
         from transformers.utils import logging as transformers_logging
 

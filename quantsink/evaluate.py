@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from transformers.cache_utils import Cache, DynamicCache
 
 from quantsink.errors import UserError
-from quantsink.kvcache import SinkQuantizedCache
+from quantsink.kv.cache import SinkQuantizedCache
 from quantsink.models.base import Adapter
 from quantsink.models.causal_lm import cache_keyword
 

@@ -20,8 +20,10 @@ from quantsink.models import rebuild
 from quantsink.models.base import Adapter, ModelSource
 from quantsink.models.probe import require_modules_run
 from quantsink.quantizers.int8 import int8_export, int8_incompatibility
-from quantsink.kvcache import attach_kv_cache_config
-from quantsink.recipe import KVCacheConfig, QuantizationConfig, describe_validation_error
+from quantsink.kv.attach import attach_kv_cache
+from quantsink.kv.scheme import KVCacheScheme
+from quantsink.methods.base import require_capabilities
+from quantsink.recipe import QuantizationConfig, describe_validation_error
 from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
 
 if TYPE_CHECKING:
@@ -139,7 +141,7 @@ def load_adapter(folder: str | Path) -> Adapter:
     kv_section = (manifest.get("recipe") or {}).get("kv_cache")
     if kv_section is not None:
         try:
-            attach_kv_cache_config(adapter.model, KVCacheConfig.model_validate(kv_section))
+            attach_kv_cache(adapter, KVCacheScheme.model_validate(kv_section))
         except ValidationError as error:
             raise CheckpointError(f"{folder / io.MANIFEST}: recipe.kv_cache.{describe_validation_error(error)}; re-export the folder") from None
     try:
@@ -169,6 +171,7 @@ def restore_methods(adapter: Adapter, method_states: list[dict[str, Any]], folde
             method = METHODS.get(entry["name"])
         except UserError as error:
             raise CheckpointError(f"{folder / io.MANIFEST}: {error}") from None
+        require_capabilities(method, adapter)
         prefix = f"{entry['name']}/"
         own = {key[len(prefix):]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
         method.restore(adapter, entry["state"], own)

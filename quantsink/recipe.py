@@ -6,47 +6,15 @@ import os
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from quantsink.errors import UserError
-from quantsink.kvcache import KeyGranularity, SinkStrategy
-from quantsink.registry import EXPORT_FORMATS, KV_CACHE_BACKENDS, METHODS, OBSERVERS, QUANTIZERS, Registry
-
-
-def _integer_between(low: int, high: int):
-    def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"expected an integer {low}-{high}, got {value!r}")
-        return value
-
-    return BeforeValidator(check)
-
-
-def _positive_integer(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a positive integer, got {value!r}")
-    return value
-
-
-def _registered_in(registry: Registry):
-    def check(value: Any) -> str:
-        if not isinstance(value, str) or value not in registry:
-            raise ValueError(registry.unknown_message(str(value)))
-        return value
-
-    return BeforeValidator(check)
-
-
-Bits = Annotated[int, _integer_between(2, 8)]
-PositiveInt = Annotated[int, BeforeValidator(_positive_integer)]
-ObserverName = Annotated[str, _registered_in(OBSERVERS)]
-
-
-class Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_enum_values=True, validate_default=True)
+from quantsink.kv.scheme import IMPLIED_METHODS, KVCacheScheme
+from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS, normalise
+from quantsink.schema import Bits, ObserverName, PositiveInt, Schema, registered_in
 
 
 class WeightGranularity(str, Enum):
@@ -102,7 +70,7 @@ class ActivationArgs(Schema):
 
 
 class QuantizationConfig(Schema):
-    backend: Annotated[str, _registered_in(QUANTIZERS)] = "fake"
+    backend: Annotated[str, registered_in(QUANTIZERS)] = "fake"
     weights: Optional[WeightArgs] = Field(default_factory=WeightArgs)
     activations: Optional[ActivationArgs] = Field(default_factory=ActivationArgs)
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
@@ -116,55 +84,8 @@ class QuantizationConfig(Schema):
         return targets
 
 
-class KVKeyArgs(Schema):
-    granularity: KeyGranularity = KeyGranularity.per_channel
-    pre_rope: bool = False
-
-
-class KVValueArgs(Schema):
-    granularity: Literal["per_token"] = "per_token"  # KIVI / KVQuant: values are quantized per token
-
-
-class KVSinkArgs(Schema):
-    """Which tokens keep their K/V in full precision and out of every scale: none; pfn, the first
-    `num_sinks` tokens; kvsink, the `num_sinks` predicted from the outlier channel (`profile`
-    tunes the profiler, see quantsink.methods.kvsink)."""
-
-    method: SinkStrategy = SinkStrategy.none
-    num_sinks: PositiveInt = 5
-    profile: Optional[dict[str, Any]] = None
-
-    @model_validator(mode="after")
-    def _profile_is_kvsinks(self) -> "KVSinkArgs":
-        if self.profile is not None:
-            if self.method != SinkStrategy.kvsink:
-                raise ValueError(f"profile tunes the kvsink predictor; method {self.method} has none, remove it")
-            METHODS.get("kvsink").validate_options(self.profile)
-        return self
-
-
-class KVCacheConfig(Schema):
-    """How the KV cache of a causal LM is quantized at run time (`quantsink.kv_cache(model)`)."""
-
-    backend: Annotated[str, _registered_in(KV_CACHE_BACKENDS)] = "quantsink"
-    bits: int = 4
-    keys: KVKeyArgs = Field(default_factory=KVKeyArgs)
-    values: KVValueArgs = Field(default_factory=KVValueArgs)
-    group_size: PositiveInt = 64
-    residual_length: Annotated[int, Field(ge=0)] = 128
-    outlier_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
-    sinks: KVSinkArgs = Field(default_factory=KVSinkArgs)
-
-    @model_validator(mode="after")
-    def _backend_supports_it(self) -> "KVCacheConfig":
-        problem = KV_CACHE_BACKENDS.get(self.backend).incompatibility(self)
-        if problem is not None:
-            raise ValueError(problem)
-        return self
-
-
 class ExportConfig(Schema):
-    format: Annotated[str, _registered_in(EXPORT_FORMATS)] = "fake-quant"
+    format: Annotated[str, registered_in(EXPORT_FORMATS)] = "fake-quant"
 
 
 class Recipe(Schema):
@@ -176,7 +97,7 @@ class Recipe(Schema):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     methods: list[dict[str, Any]] = Field(default_factory=list)
     quantization: Optional[QuantizationConfig] = Field(default_factory=QuantizationConfig)
-    kv_cache: Optional[KVCacheConfig] = None
+    kv_cache: Optional[KVCacheScheme] = None
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="before")
@@ -195,6 +116,8 @@ class Recipe(Schema):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods_are_registered(cls, methods: Any) -> Any:
+        """Names first, from the registry's lazy entries: a misspelt method imports nothing. A
+        method's options are its own model, so checking them imports that method (only it)."""
         if methods is None:
             return []
         if not isinstance(methods, list):
@@ -205,11 +128,20 @@ class Recipe(Schema):
             ((name, options),) = entry.items()
             if name not in METHODS:
                 raise ValueError(METHODS.unknown_message(name))
+            implied_by = IMPLIED_METHODS.get(normalise(name))
+            if implied_by is not None:
+                raise ValueError(f"{index}.{name}: the kv_cache section sets it: remove it from methods and write {implied_by}")
             try:
                 METHODS.get(name).validate_options(options)
             except ValueError as error:
                 raise ValueError(f"{index}.{name}.{error}") from None
         return methods
+
+    def method_entries(self) -> list[tuple[str, Any]]:
+        """(name, options) of every method the recipe asks for: its `methods` list, then those
+        its kv_cache section implies."""
+        entries = [(name, options) for entry in self.methods for name, options in entry.items()]
+        return entries + (self.kv_cache.implied_methods() if self.kv_cache is not None else [])
 
     # --- loading ------------------------------------------------------------------------
     @classmethod

@@ -19,7 +19,8 @@ from quantsink.errors import UserError
 T = TypeVar("T")
 
 
-def _normalise(name: str) -> str:
+def normalise(name: str) -> str:
+    """The key a name is registered under: case, surrounding space and - vs _ do not matter."""
     return name.strip().lower().replace("_", "-")
 
 
@@ -58,7 +59,7 @@ class Registry(Generic[T]):
 
         def decorator(obj: T) -> T:
             for key in (name, *aliases):
-                key = _normalise(key)
+                key = normalise(key)
                 entry = self._entries.get(key, obj)
                 if entry is not obj and not (isinstance(entry, _Lazy) and entry.points_to(obj)):
                     raise ValueError(f"{self.kind} {key!r} is registered twice")
@@ -72,7 +73,7 @@ class Registry(Generic[T]):
         A name already registered with what `target` points to stays as it is."""
         lazy = _Lazy(target)
         for key in (name, *aliases):
-            key = _normalise(key)
+            key = normalise(key)
             entry = self._entries.get(key)
             if entry is None:
                 self._entries[key] = lazy
@@ -83,7 +84,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} {key!r} is registered twice ({entry!r} and {target!r})")
 
     def get(self, name: str) -> T:
-        key = _normalise(name)
+        key = normalise(name)
         if key not in self._entries:
             raise UserError(self.unknown_message(name))
         entry = self._entries[key]
@@ -109,12 +110,12 @@ class Registry(Generic[T]):
         return entry
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(_normalise(name), self._entries, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(normalise(name), self._entries, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         return f"unknown {self.kind} {name!r}: {hint}known: {', '.join(self.names())}"
 
     def __contains__(self, name: str) -> bool:
-        return _normalise(name) in self._entries
+        return normalise(name) in self._entries
 
     def names(self) -> list[str]:
         """Every registered name, lazy ones included, importing nothing."""
@@ -122,7 +123,7 @@ class Registry(Generic[T]):
 
     def is_loaded(self, name: str) -> bool:
         """Whether `name` holds its part already (False for a lazy entry not imported yet)."""
-        return not isinstance(self._entries.get(_normalise(name)), _Lazy)
+        return not isinstance(self._entries.get(normalise(name)), _Lazy)
 
     def items(self) -> Iterator[tuple[str, T]]:
         """(name, part) for every entry, importing the lazy ones."""
@@ -165,8 +166,8 @@ for _registry, _entries in (
         "compressed-tensors": "quantsink.compressed_tensors_format:CompressedTensorsExport",
     }),
     (KV_CACHE_BACKENDS, {  # the module registers an instance of each class
-        "quantsink": "quantsink.kvcache:QuantsinkKVCacheBackend",
-        "transformers-quanto": "quantsink.kvcache:TransformersQuantoKVCacheBackend",
+        "quantsink": "quantsink.kv.backends:QuantsinkKVCacheBackend",
+        "transformers-quanto": "quantsink.kv.backends:TransformersQuantoKVCacheBackend",
     }),
 ):
     for _name, _target in _entries.items():

@@ -7,7 +7,8 @@ from huggingface_hub import constants as hub_constants
 from transformers import DynamicCache
 
 from quantsink.errors import ModelLoadError
-from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache
+from quantsink.kv.cache import SinkQuantizedCache
+from quantsink.kv.scheme import KVCacheScheme
 from quantsink.models import catalog, resolve, save_model
 from quantsink.testing.tiny import TINY_CAUSAL_LMS, build_tiny_causal_lm
 
@@ -27,7 +28,7 @@ def test_bits_16_generates_exactly_the_tokens_of_the_default_cache(model_type):
     inputs = adapter.preprocess(PROMPTS)
     assert bool((inputs["attention_mask"][:, 0] == 0).any())  # the short prompt is left-padded
     expected = greedy(adapter.model, inputs, DynamicCache())
-    cache = SinkQuantizedCache(KVQuantConfig(bits=16))
+    cache = SinkQuantizedCache(KVCacheScheme(bits=16))
     cache.set_attention_mask(inputs["attention_mask"])
     assert torch.equal(greedy(adapter.model, inputs, cache), expected)
     assert expected.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS
@@ -38,7 +39,7 @@ def test_left_padded_rows_get_what_they_get_alone(model_type):
     """8-bit pre-RoPE keys: the cache un-rotates with each family's rotary embedding (GPT-NeoX's
     is partial) at each row's real-token positions, so padding changes nothing."""
     adapter = build_tiny_causal_lm(model_type)
-    config = KVQuantConfig(bits=8, group_size=8, residual_length=0, pre_rope=True, sink_strategy="pfn", num_sinks=1)
+    config = KVCacheScheme(bits=8, group_size=8, residual_length=0, keys={"pre_rope": True}, sinks={"method": "pfn", "num_sinks": 1})
     batch = adapter.preprocess(PROMPTS)
     cache = SinkQuantizedCache(config, rotary_embedding=adapter.rotary_embedding())
     cache.set_attention_mask(batch["attention_mask"])

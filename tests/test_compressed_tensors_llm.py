@@ -35,8 +35,9 @@ def tiny_llama(tmp_path_factory):
 
 def recipe(backend="fake", export="compressed-tensors", **kv_static):
     """W8A8 (per-channel weights, per-tensor static inputs, lm_head included: the tiny model's
-    output projection is not tied to its embeddings) with kv-static."""
-    return {"name": "llm", "calibration": CALIBRATION, "methods": [{"kv-static": kv_static}],
+    output projection is not tied to its embeddings) with static KV scales (kv-static), 8-bit
+    unless told."""
+    return {"name": "llm", "calibration": CALIBRATION, "kv_cache": {"scales": "static", "bits": 8, **kv_static},
             "quantization": {"backend": backend}, "export": {"format": export}}
 
 
@@ -71,7 +72,7 @@ def disable_kv_quantization(hf_model):
 @pytest.mark.parametrize("backend, kv_static, scale_shape", [
     ("fake", {}, (1,)),
     ("int8", {}, (1,)),
-    ("fake", {"bits": 4, "granularity": "per_head"}, (KV_HEADS, 1, 1)),
+    ("fake", {"bits": 4, "keys": {"granularity": "per_head"}, "values": {"granularity": "per_head"}}, (KV_HEADS, 1, 1)),
 ], ids=["fake", "int8", "fake-4bit-per-head"])
 def test_w8a8_with_a_kv_scheme_loads_in_transformers_with_quantsinks_logits(
     tiny_llama, tmp_path, monkeypatch, backend, kv_static, scale_shape
@@ -220,7 +221,7 @@ def test_transform_kv_sees_post_rope_keys_with_and_without_a_cache(model_type):
 def test_kv_static_refuses_a_model_without_a_kv_cache():
     with pytest.raises(UserError) as error:
         quantsink.quantize(build_tiny("hf-clip").model, {"calibration": {"num_samples": 2, "holdout": 1, "batch_size": 2},
-                                                        "methods": [{"kv-static": {}}]}, progress=False)
+                                                        "kv_cache": {"scales": "static"}}, progress=False)
     message = str(error.value)
     assert message.startswith("kv-static quantizes a causal LM's KV cache;") and "(hf-clip) has none" in message
     assert "\n" not in message

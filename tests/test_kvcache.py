@@ -27,7 +27,9 @@ from transformers import (
 
 from quantsink.errors import UserError
 from quantsink.evaluate import chunked_log_likelihood, compare_kv_caches
-from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache, SinkQuantizedLayer, quantize_groups
+from quantsink.kv.arithmetic import quantize_groups
+from quantsink.kv.cache import SinkQuantizedCache, SinkQuantizedLayer
+from quantsink.kv.scheme import KVCacheScheme
 from quantsink.models.causal_lm import cache_keyword
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
@@ -58,7 +60,7 @@ def fill(layer: SinkQuantizedLayer, keys: torch.Tensor, values: torch.Tensor, ch
 
 
 def quantized_layer(**config) -> SinkQuantizedLayer:
-    cache = SinkQuantizedCache(KVQuantConfig(**config))
+    cache = SinkQuantizedCache(KVCacheScheme(**config))
     cache.update(torch.zeros(1, 1, 0, 8), torch.zeros(1, 1, 0, 8), 0)  # creates layer 0
     cache.reset()
     return cache.layers[0]
@@ -74,7 +76,7 @@ def test_16_bits_generates_exactly_the_default_cache_tokens(name):
     model = tiny_model(name)
     prompt = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
-    cache = SinkQuantizedCache(KVQuantConfig(bits=16, sink_strategy="pfn", num_sinks=2))
+    cache = SinkQuantizedCache(KVCacheScheme(bits=16, sinks={"method": "pfn", "num_sinks": 2}))
     got = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, past_key_values=cache
     )
@@ -87,7 +89,7 @@ def test_quantized_cache_changes_generation_and_forward_logits():
     model = tiny_model("llama")
     prompt = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(2))
     exact = model(prompt).logits
-    cache = SinkQuantizedCache(KVQuantConfig(bits=2, group_size=8, residual_length=0))
+    cache = SinkQuantizedCache(KVCacheScheme(bits=2, group_size=8, residual_length=0))
     chunked = [model(prompt[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 40, 8)]
     difference = (torch.cat(chunked, dim=1) - exact).abs()
     assert float(difference[:, :8].max()) < 1e-5  # the first chunk reads nothing quantized
@@ -115,7 +117,7 @@ def test_per_channel_keys_beat_per_token_on_channel_outliers():
     keys = torch.randn(1, 2, 64, 16, generator=generator) + torch.linspace(-20, 20, 16)  # KIVI's case
     errors = {}
     for granularity in ("per_channel", "per_token"):
-        layer = quantized_layer(bits=2, group_size=16, residual_length=0, key_granularity=granularity)
+        layer = quantized_layer(bits=2, group_size=16, residual_length=0, keys={"granularity": granularity})
         fill(layer, keys, keys, chunk=16)
         errors[granularity] = relative_error(layer.keys, keys)
     assert errors["per_channel"] < errors["per_token"] / 3, errors
@@ -169,8 +171,8 @@ def test_sinks_stay_exact_and_out_of_every_range(granularity):
     ordinary = [t for t in range(64) if t not in sinks]
     errors = {}
     for strategy in ("none", "kvsink"):
-        config = KVQuantConfig(
-            bits=3, group_size=16, residual_length=0, key_granularity=granularity, sink_strategy=strategy, num_sinks=3
+        config = KVCacheScheme(
+            bits=3, group_size=16, residual_length=0, keys={"granularity": granularity}, sinks={"method": strategy, "num_sinks": 3}
         )
         cache = SinkQuantizedCache(config)
         if strategy == "kvsink":
@@ -190,7 +192,7 @@ def test_sinks_stay_exact_and_out_of_every_range(granularity):
 
 def test_kvsink_excludes_sinks_from_the_stream_so_groups_are_the_ordinary_tokens():
     keys, sinks = sink_planted_keys()
-    cache = SinkQuantizedCache(KVQuantConfig(bits=4, group_size=16, residual_length=0, sink_strategy="kvsink", num_sinks=3))
+    cache = SinkQuantizedCache(KVCacheScheme(bits=4, group_size=16, residual_length=0, sinks={"method": "kvsink", "num_sinks": 3}))
     cache.set_sink_positions([sinks])
     cache.update(keys, keys, 0)
     ordinary = [t for t in range(64) if t not in sinks]  # 61 tokens: 3 whole groups of 16 are quantized
@@ -203,7 +205,7 @@ def test_kvsink_excludes_sinks_from_the_stream_so_groups_are_the_ordinary_tokens
 
 def test_pfn_keeps_the_first_real_tokens_of_each_row():
     keys = torch.randn(2, 1, 20, 8)
-    cache = SinkQuantizedCache(KVQuantConfig(bits=2, group_size=4, residual_length=0, sink_strategy="pfn", num_sinks=3))
+    cache = SinkQuantizedCache(KVCacheScheme(bits=2, group_size=4, residual_length=0, sinks={"method": "pfn", "num_sinks": 3}))
     cache.set_attention_mask(torch.tensor([[1] * 20, [0] * 5 + [1] * 15]))
     cache.update(keys, keys, 0)
     stored = cache.layers[0].keys
@@ -221,7 +223,7 @@ def test_outliers_are_kept_exact_and_out_of_the_range():
     assert bool((sparse.values[x == 50.0] == 50.0).all())
     assert int(sparse.outliers.sum()) == 64
     assert relative_error(sparse.values, x) < relative_error(plain.values, x) / 5
-    config = KVQuantConfig(outlier_fraction=0.01)
+    config = KVCacheScheme(outlier_fraction=0.01, group_size=32)
     assert config.outliers_per_group(32) == 1 and config.outliers_per_group(128) == 2
 
 
@@ -248,7 +250,7 @@ def test_pre_rope_quantizes_the_unrotated_keys():
     post = pre * cos[:, None] + rotate_half(pre) * sin[:, None]
     errors = {}
     for pre_rope in (False, True):
-        config = KVQuantConfig(bits=3, group_size=16, residual_length=0, pre_rope=pre_rope)
+        config = KVCacheScheme(bits=3, group_size=16, residual_length=0, keys={"pre_rope": pre_rope})
         cache = SinkQuantizedCache(config, rotary_embedding=rotary)
         for start in range(0, 64, 16):
             cache.update(post[..., start : start + 16, :], post[..., start : start + 16, :], 0)
@@ -262,16 +264,16 @@ def test_pre_rope_quantizes_the_unrotated_keys():
 
 def test_pre_rope_needs_the_rotary_embedding():
     with pytest.raises(UserError, match="rotary"):
-        SinkQuantizedCache(KVQuantConfig(pre_rope=True))
+        SinkQuantizedCache(KVCacheScheme(keys={"pre_rope": True}))
 
 
 # --- left padding -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "config",
     [
-        KVQuantConfig(bits=16),
-        KVQuantConfig(bits=2, group_size=4, residual_length=3, sink_strategy="pfn", num_sinks=2),
-        KVQuantConfig(bits=3, group_size=4, residual_length=0, key_granularity="per_token", outlier_fraction=0.2),
+        KVCacheScheme(bits=16),
+        KVCacheScheme(bits=2, group_size=4, residual_length=3, sinks={"method": "pfn", "num_sinks": 2}),
+        KVCacheScheme(bits=3, group_size=4, residual_length=0, outlier_fraction=0.2, keys={"granularity": "per_token"}),
     ],
     ids=["16bit", "2bit-pfn", "3bit-per-token"],
 )
@@ -296,7 +298,7 @@ def test_left_padded_rows_generate_what_they_generate_alone(config):
 
 def test_left_padded_rows_get_the_log_likelihoods_they_get_alone():
     model = tiny_model("qwen2", seed=4)
-    config = KVQuantConfig(bits=2, group_size=4, residual_length=2, sink_strategy="kvsink", num_sinks=2)
+    config = KVCacheScheme(bits=2, group_size=4, residual_length=2, sinks={"method": "kvsink", "num_sinks": 2})
     long_row = torch.randint(1, 96, (20,), generator=torch.Generator().manual_seed(0))
     short_row = long_row[5:]  # 5 padding columns: one whole chunk, so both rows see the same chunks
     input_ids = torch.stack([long_row, torch.cat([torch.zeros(5, dtype=torch.long), short_row])])
@@ -313,7 +315,7 @@ def test_left_padded_rows_get_the_log_likelihoods_they_get_alone():
 
 
 # --- streaming sink decisions (offer_sinks) -----------------------------------------------
-STREAMING = dict(bits=2, group_size=4, residual_length=2, sink_strategy="kvsink")
+STREAMING = dict(bits=2, group_size=4, residual_length=2)
 
 
 def three_layer_llama(seed: int = 7) -> torch.nn.Module:
@@ -373,9 +375,9 @@ def test_offer_sinks_in_one_prefill_is_set_sink_positions_with_the_top_k():
     top = scores.topk(3, dim=-1).indices
     handle = offer_from_block(model, 1, scores)
     try:
-        streamed = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=3))
+        streamed = SinkQuantizedCache(KVCacheScheme(**STREAMING, sinks={"method": "kvsink", "num_sinks": 3}))
         feed(model, input_ids, streamed, [24])
-        explicit = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=3))
+        explicit = SinkQuantizedCache(KVCacheScheme(**STREAMING, sinks={"method": "kvsink", "num_sinks": 3}))
         explicit.set_sink_positions(top)  # the hook still offers: explicit positions ignore it
         feed(model, input_ids, explicit, [24])
     finally:
@@ -400,15 +402,15 @@ def test_offered_sinks_give_the_log_likelihoods_of_the_same_explicit_positions()
         scores[row, positions] = torch.tensor([3.0, 1.0, 2.0])
     handle = offer_from_block(model, 1, scores)
     try:
-        streamed = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=3))
+        streamed = SinkQuantizedCache(KVCacheScheme(**STREAMING, sinks={"method": "kvsink", "num_sinks": 3}))
         offered = chunked_log_likelihood(model, input_ids, streamed, chunk_size=8)
     finally:
         handle.remove()
-    explicit = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=3))
+    explicit = SinkQuantizedCache(KVCacheScheme(**STREAMING, sinks={"method": "kvsink", "num_sinks": 3}))
     explicit.set_sink_positions(massive)
     assert torch.equal(offered, chunked_log_likelihood(model, input_ids, explicit, chunk_size=8))
     assert_same_storage(streamed, explicit)
-    unprotected = SinkQuantizedCache(KVQuantConfig(bits=2, group_size=4, residual_length=2))
+    unprotected = SinkQuantizedCache(KVCacheScheme(bits=2, group_size=4, residual_length=2))
     assert not torch.equal(offered, chunked_log_likelihood(model, input_ids, unprotected, chunk_size=8))
 
 
@@ -421,7 +423,7 @@ def test_later_massive_tokens_become_sinks_while_budget_lasts():
     decided = []
     handle = offer_from_block(model, 1, scores, inside=lambda cache: decided.append(cache.rows.decided))
     try:
-        cache = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=4))
+        cache = SinkQuantizedCache(KVCacheScheme(**STREAMING, sinks={"method": "kvsink", "num_sinks": 4}))
         feed(model, input_ids, cache, [16])
         assert sink_sets(cache) == [{0, 9, 12}]
         feed(model, input_ids[:, 16:], cache, [1] * 8)
@@ -430,7 +432,7 @@ def test_later_massive_tokens_become_sinks_while_budget_lasts():
     # 17 took the last slot when it came; 20 and 22 score higher but found the budget spent
     assert sink_sets(cache) == [{0, 9, 12, 17}] and cache.rows.sink_positions.shape == (1, 4)
     assert decided == [0, *range(16, 24)]  # every call found the earlier ones decided
-    explicit = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=4))
+    explicit = SinkQuantizedCache(KVCacheScheme(**STREAMING, sinks={"method": "kvsink", "num_sinks": 4}))
     explicit.set_sink_positions([[0, 9, 12, 17]])
     feed(model, input_ids, explicit, [16] + [1] * 8)
     assert_same_storage(cache, explicit)
@@ -448,7 +450,7 @@ def test_padding_is_never_a_sink():
     scores = torch.arange(12, 0, -1).float().expand(2, 12).clone()  # the first columns score highest
     handle = offer_from_block(model, 1, scores)
     try:
-        cache = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=2))
+        cache = SinkQuantizedCache(KVCacheScheme(**STREAMING, sinks={"method": "kvsink", "num_sinks": 2}))
         cache.set_attention_mask(mask)
         feed(model, input_ids, cache, [12], attention_mask=mask)
     finally:
@@ -476,7 +478,7 @@ def test_layers_before_the_hook_keep_undecided_tokens_exact():
     scores[0, 3] = 1.0
     handle = offer_from_block(model, 1, scores, inside=before_the_decision)
     try:
-        cache = SinkQuantizedCache(KVQuantConfig(**{**STREAMING, "residual_length": 0}, num_sinks=2))
+        cache = SinkQuantizedCache(KVCacheScheme(**{**STREAMING, "residual_length": 0}, sinks={"method": "kvsink", "num_sinks": 2}))
         feed(model, input_ids, cache, [16, 8])
     finally:
         handle.remove()
@@ -491,7 +493,7 @@ def test_layers_before_the_hook_keep_undecided_tokens_exact():
 def test_a_forward_after_undecided_tokens_fails_with_the_fix():
     model = three_layer_llama()
     input_ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(6))
-    cache = SinkQuantizedCache(KVQuantConfig(**STREAMING, num_sinks=2))
+    cache = SinkQuantizedCache(KVCacheScheme(**STREAMING, sinks={"method": "kvsink", "num_sinks": 2}))
     feed(model, input_ids, cache, [8])  # no hook: nothing decided, nothing quantized
     assert cache.memory().codes == 0
     with pytest.raises(UserError, match=r"never offered as sinks .*quantsink\.kv_cache\(model\).*set_sink_positions"):
@@ -503,7 +505,7 @@ def test_a_forward_after_undecided_tokens_fails_with_the_fix():
 # --- accounting, protocol, errors ---------------------------------------------------------
 def test_memory_accounting_matches_packed_storage():
     heads, head_dim, tokens = 2, 32, 100
-    config = KVQuantConfig(bits=4, group_size=32, residual_length=20, sink_strategy="pfn", num_sinks=4)
+    config = KVCacheScheme(bits=4, group_size=32, residual_length=20, sinks={"method": "pfn", "num_sinks": 4})
     cache = SinkQuantizedCache(config)
     for layer in range(2):
         cache.update(torch.randn(1, heads, tokens, head_dim), torch.randn(1, heads, tokens, head_dim), layer)
@@ -526,7 +528,7 @@ def test_chunked_log_likelihood_of_the_default_cache_is_the_full_forward():
     full = torch.log_softmax(model(input_ids).logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
     chunked = chunked_log_likelihood(model, input_ids, DynamicCache(), chunk_size=8)
     assert torch.allclose(chunked, full, atol=1e-5)
-    sixteen = chunked_log_likelihood(model, input_ids, SinkQuantizedCache(KVQuantConfig(bits=16)), chunk_size=8)
+    sixteen = chunked_log_likelihood(model, input_ids, SinkQuantizedCache(KVCacheScheme(bits=16)), chunk_size=8)
     assert torch.equal(sixteen, chunked)
 
 
@@ -534,7 +536,7 @@ def test_compare_kv_caches_at_16_bits_is_the_reference_and_counts_only_real_pred
     model = tiny_model("llama")
     input_ids = torch.randint(1, 96, (2, 20), generator=torch.Generator().manual_seed(8))
     mask = torch.stack([torch.ones(20, dtype=torch.long), (torch.arange(20) >= 5).long()])
-    comparison = compare_kv_caches(model, input_ids, SinkQuantizedCache(KVQuantConfig(bits=16)), chunk_size=8, attention_mask=mask)
+    comparison = compare_kv_caches(model, input_ids, SinkQuantizedCache(KVCacheScheme(bits=16)), chunk_size=8, attention_mask=mask)
     assert comparison.kl_mean == 0 and comparison.perplexity_quantized == comparison.perplexity_reference
     assert comparison.tokens == 19 + 14  # row 1: its first real token has nothing before it
     log_likelihood = chunked_log_likelihood(model, input_ids, DynamicCache(), chunk_size=8, attention_mask=mask)
@@ -544,7 +546,7 @@ def test_compare_kv_caches_at_16_bits_is_the_reference_and_counts_only_real_pred
 def test_compare_kv_caches_measures_the_kl_of_the_chunked_quantized_predictions():
     model = tiny_model("qwen2", seed=9)
     input_ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(9))
-    config = KVQuantConfig(bits=2, group_size=4, residual_length=0)
+    config = KVCacheScheme(bits=2, group_size=4, residual_length=0)
     comparison = compare_kv_caches(model, input_ids, SinkQuantizedCache(config), chunk_size=8)
     # the same protocol spelled out: each chunk reads the earlier ones as the cache stores them
     cache = SinkQuantizedCache(config)
@@ -560,10 +562,10 @@ def test_compare_kv_caches_measures_the_kl_of_the_chunked_quantized_predictions(
 
 
 def test_misuse_fails_with_one_line_fixes():
-    cache = SinkQuantizedCache(KVQuantConfig(bits=4, group_size=6))
+    cache = SinkQuantizedCache(KVCacheScheme(bits=4, group_size=6))
     with pytest.raises(UserError, match="divide head_dim"):
         cache.update(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 0)
-    cache = SinkQuantizedCache(KVQuantConfig(sink_strategy="kvsink", num_sinks=2))
+    cache = SinkQuantizedCache(KVCacheScheme(group_size=32, sinks={"method": "kvsink", "num_sinks": 2}))
     with pytest.raises(UserError, match="num_sinks"):
         cache.set_sink_positions([[0, 1, 2]])
     cache.set_sink_positions([[0, 5]])
@@ -571,15 +573,15 @@ def test_misuse_fails_with_one_line_fixes():
     with pytest.raises(UserError, match="before prefill"):
         cache.set_sink_positions([[0]])
     with pytest.raises(UserError, match="rows"):
-        other = SinkQuantizedCache(KVQuantConfig(bits=2))
+        other = SinkQuantizedCache(KVCacheScheme(bits=2))
         other.set_attention_mask(torch.ones(3, 4))
         other.update(torch.randn(2, 1, 4, 8), torch.randn(2, 1, 4, 8), 0)
     with pytest.raises(NotImplementedError, match="crop"):
         cache.crop(-1)
     with pytest.raises(ValueError, match="num_sinks"):
-        KVQuantConfig(sink_strategy="pfn", num_sinks=0)
+        KVCacheScheme(sinks={"method": "pfn", "num_sinks": 0})
     with pytest.raises(ValueError):
-        KVQuantConfig(bits=5)
+        KVCacheScheme(bits=5)
     with pytest.raises(UserError, match="empty cache"):
         chunked_log_likelihood(tiny_model("llama"), torch.ones(1, 4, dtype=torch.long), cache)
     with pytest.raises(UserError, match="no token to predict"):
@@ -591,11 +593,11 @@ def test_beam_search_reorders_rows_and_their_state():
     prompt = torch.randint(1, 96, (1, 9), generator=torch.Generator().manual_seed(6))
     beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
     expected = model.generate(prompt, **beams)
-    assert torch.equal(model.generate(prompt, **beams, past_key_values=SinkQuantizedCache(KVQuantConfig(bits=16))), expected)
+    assert torch.equal(model.generate(prompt, **beams, past_key_values=SinkQuantizedCache(KVCacheScheme(bits=16))), expected)
     # a reorder mid-way leaves exactly the state of a cache fed the reordered rows from the start
     keys = torch.randn(2, 1, 24, 8, generator=torch.Generator().manual_seed(7))
     mask = torch.tensor([[1] * 24, [0] * 4 + [1] * 20])
-    config = KVQuantConfig(bits=2, group_size=4, residual_length=2, sink_strategy="pfn", num_sinks=1)
+    config = KVCacheScheme(bits=2, group_size=4, residual_length=2, sinks={"method": "pfn", "num_sinks": 1})
     reordered = SinkQuantizedCache(config)
     reordered.set_attention_mask(mask)
     reordered.update(keys[..., :10, :], keys[..., :10, :], 0)

@@ -12,7 +12,8 @@ from transformers import DynamicCache
 import quantsink
 from quantsink import cli
 from quantsink.evaluate import compare_kv_caches
-from quantsink.kvcache import SinkQuantizedCache
+from quantsink.kv.attach import build_kv_cache
+from quantsink.kv.cache import SinkQuantizedCache
 from quantsink.models import resolve, save_model
 from quantsink.recipe import Recipe
 from quantsink.testing.planted_llm import planted_llama_plan, planted_segments, save_planted_llama
@@ -59,7 +60,7 @@ def test_profile_finds_the_planted_emergence_layer_and_channels(result):
 def test_prefill_prediction_finds_the_planted_sinks_beyond_the_first_token(result, heldout):
     plan = planted_llama_plan(result.model)
     cache = quantsink.kv_cache(result)
-    assert isinstance(cache, SinkQuantizedCache) and cache.config.sink_strategy == "kvsink"
+    assert isinstance(cache, SinkQuantizedCache) and cache.scheme.sinks.method == "kvsink"
     with torch.no_grad():
         result.model(heldout, past_key_values=cache, use_cache=True)
     positions = cache.rows.sink_positions
@@ -80,7 +81,7 @@ def test_kvsink_5_beats_pfn_5_and_none(result, heldout, bits):
         "kvsink-5": {"method": "kvsink", "num_sinks": 5},
     }.items():
         recipe = with_kv(result.recipe, bits=bits, sinks=sinks)
-        cache = quantsink.kvcache.build_kv_cache(recipe.kv_cache, result.adapter)
+        cache = build_kv_cache(recipe.kv_cache, result.adapter)
         comparison = compare_kv_caches(result.model, heldout, cache, chunk_size=16)
         perplexities[name] = comparison.perplexity_quantized
         perplexities["fp"] = comparison.perplexity_reference
@@ -113,7 +114,7 @@ def test_cli_quantizes_reloads_and_evaluates(folder, tmp_path, capsys):
 
     model = quantsink.load(out)
     cache = quantsink.kv_cache(model)
-    assert cache.config.bits == 2 and cache.config.sink_strategy == "kvsink" and cache.config.num_sinks == 5
+    assert cache.scheme.bits == 2 and cache.scheme.sinks.method == "kvsink" and cache.scheme.sinks.num_sinks == 5
 
     assert cli.main(["eval", str(out), "--quiet"]) == 0
     evaluation = json.loads((out / "eval.json").read_text())

@@ -7,10 +7,11 @@ from pydantic import BaseModel, ConfigDict
 import quantsink
 from quantsink.data import load_samples
 from quantsink.errors import UserError
-from quantsink.export import load_adapter
-from quantsink.methods.base import Method
+from quantsink.export import load_adapter, restore_methods
+from quantsink.methods.base import Method, require_capabilities
+from quantsink.models.capabilities import EditableEncoder, KVCacheHost
 from quantsink.registry import METHODS
-from quantsink.testing.tiny import build_tiny
+from quantsink.testing.tiny import TINY_FAMILIES, build_tiny, build_tiny_causal_lm
 
 
 class GainOptions(BaseModel):
@@ -66,3 +67,50 @@ def test_method_options_are_validated_with_their_path():
         quantsink.Recipe.from_dict({"methods": [{"test-block-gain": {"gain": "loud"}}]})
     with pytest.raises(UserError, match=r"methods\.0\.test-block-gain\.volume: unknown field"):
         quantsink.Recipe.from_dict({"methods": [{"test-block-gain": {"volume": 1}}]})
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@METHODS.register("test-needs-kv-cache")
+class NeedsKVCache(Method):
+    """Declares a capability, as kvsink and kv-static need a KV-cache host."""
+
+    name = "test-needs-kv-cache"
+    options_model = NoOptions
+    requires = (KVCacheHost,)
+
+    def apply(self, context):
+        return {"kv_heads": context.adapter.num_key_value_heads}
+
+    def state(self):
+        return {}, {}
+
+    @classmethod
+    def restore(cls, adapter, state, tensors):
+        return cls(NoOptions())
+
+
+NO_KV_CACHE = (r"^test-needs-kv-cache applies to causal language models \(the hosts of a KV cache\); \S+ is an image model "
+               r"whose hf-clip adapter offers no KVCacheHost: remove test-needs-kv-cache from the recipe's methods$")
+
+
+def test_a_method_refuses_once_a_model_without_a_capability_it_requires(tmp_path):
+    with pytest.raises(UserError, match=NO_KV_CACHE):
+        quantsink.quantize(build_tiny("hf-clip").model, {"methods": [{"test-needs-kv-cache": {}}]}, progress=False)
+    with pytest.raises(UserError, match=NO_KV_CACHE):
+        restore_methods(build_tiny("hf-clip"), [{"name": "test-needs-kv-cache", "state": {}}], tmp_path)
+    require_capabilities(NeedsKVCache, build_tiny_causal_lm("llama"))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_each_family_offers_the_capabilities_of_its_kind(family):
+    adapter = build_tiny(family)
+    assert isinstance(adapter, EditableEncoder) == (adapter.modality == "image")
+    assert not isinstance(adapter, KVCacheHost)
+
+
+def test_a_causal_lm_hosts_a_kv_cache_and_offers_no_sequence_edits():
+    adapter = build_tiny_causal_lm("llama")
+    assert isinstance(adapter, KVCacheHost) and not isinstance(adapter, EditableEncoder)

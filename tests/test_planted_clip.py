@@ -9,7 +9,7 @@ from transformers import CLIPVisionModel
 
 from quantsink.errors import UserError
 from quantsink.models import resolve
-from quantsink.models.base import KVPrefix
+from quantsink.models.attention import KVPrefix
 from quantsink.quantizers.functional import fake_quantize, fake_quantize_along, qparams_from_range
 from quantsink.testing.planted_clip import build_planted_clip, planted_clip_inputs, planted_sinks
 

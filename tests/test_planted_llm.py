@@ -10,7 +10,8 @@ import torch
 from transformers import DynamicCache
 
 from quantsink.evaluate import chunked_log_likelihood, compare_kv_caches
-from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache
+from quantsink.kv.cache import SinkQuantizedCache
+from quantsink.kv.scheme import KVCacheScheme
 from quantsink.testing.planted_llm import build_planted_llama, planted_llama_plan, planted_segments
 
 SEGMENTS = 8  # held-out segments of 128 tokens (1,016 predicted tokens) used for perplexity
@@ -121,7 +122,7 @@ def test_it_is_a_language_model(planted, heldout, full_precision):
 def test_compare_kv_caches_sees_what_2_bits_cost(planted, heldout):
     model = planted[0]
     segments = heldout[:2]
-    comparison = compare_kv_caches(model, segments, SinkQuantizedCache(KVQuantConfig(bits=2, group_size=16, residual_length=0)))
+    comparison = compare_kv_caches(model, segments, SinkQuantizedCache(KVCacheScheme(bits=2, group_size=16, residual_length=0)))
     assert comparison.tokens == 2 * 127
     assert comparison.perplexity_reference == pytest.approx(perplexity(model, segments, DynamicCache()), rel=1e-5)
     assert comparison.kl_mean > 0.1 and comparison.perplexity_quantized > 1.5 * comparison.perplexity_reference, comparison
@@ -134,12 +135,12 @@ def test_kvsink_recovers_what_pfn_and_no_protection_lose(planted, heldout, full_
     k = int(sinks.sum(-1).max())
     positions = massive_scores(model, heldout, plan).topk(k, dim=-1).indices
     base = dict(bits=bits, group_size=16, residual_length=0)
-    kvsink = SinkQuantizedCache(KVQuantConfig(**base, sink_strategy="kvsink", num_sinks=k))
+    kvsink = SinkQuantizedCache(KVCacheScheme(**base, sinks={"method": "kvsink", "num_sinks": k}))
     kvsink.set_sink_positions(positions)
     result = {
         "fp": full_precision,
-        "none": perplexity(model, heldout, SinkQuantizedCache(KVQuantConfig(**base))),
-        "pfn-5": perplexity(model, heldout, SinkQuantizedCache(KVQuantConfig(**base, sink_strategy="pfn", num_sinks=5))),
+        "none": perplexity(model, heldout, SinkQuantizedCache(KVCacheScheme(**base))),
+        "pfn-5": perplexity(model, heldout, SinkQuantizedCache(KVCacheScheme(**base, sinks={"method": "pfn", "num_sinks": 5}))),
         "kvsink": perplexity(model, heldout, kvsink),
     }
     assert result["kvsink"] < 1.03 * result["fp"], result
@@ -149,11 +150,11 @@ def test_kvsink_recovers_what_pfn_and_no_protection_lose(planted, heldout, full_
 def test_per_token_keys_lose_the_sinks_themselves(planted, heldout, full_precision):
     model, _, plan = planted
     sinks = sink_mask(heldout, plan)
-    base = dict(bits=2, group_size=16, residual_length=0, key_granularity="per_token")
-    kvsink = SinkQuantizedCache(KVQuantConfig(**base, sink_strategy="kvsink", num_sinks=int(sinks.sum(-1).max())))
+    base = dict(bits=2, group_size=16, residual_length=0, keys={"granularity": "per_token"})
+    kvsink = SinkQuantizedCache(KVCacheScheme(**base, sinks={"method": "kvsink", "num_sinks": int(sinks.sum(-1).max())}))
     kvsink.set_sink_positions([row.nonzero().squeeze(-1).tolist() for row in sinks])
     fp = full_precision
-    none = perplexity(model, heldout, SinkQuantizedCache(KVQuantConfig(**base)))
-    pfn = perplexity(model, heldout, SinkQuantizedCache(KVQuantConfig(**base, sink_strategy="pfn", num_sinks=5)))
+    none = perplexity(model, heldout, SinkQuantizedCache(KVCacheScheme(**base)))
+    pfn = perplexity(model, heldout, SinkQuantizedCache(KVCacheScheme(**base, sinks={"method": "pfn", "num_sinks": 5})))
     protected = perplexity(model, heldout, kvsink)
     assert protected < 1.06 * fp and protected * 1.2 < pfn and pfn * 5 < none, (fp, none, pfn, protected)

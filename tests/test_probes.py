@@ -12,6 +12,7 @@ import quantsink
 from transformers.cache_utils import DynamicCache
 
 from quantsink.errors import UserError
+from quantsink.kv.scheme import KVCacheScheme
 from quantsink.methods import kv_static, kvsink
 from quantsink.methods.regcache import Registers, RegCacheSettings
 from quantsink.methods.regcache import install as install_regcache
@@ -126,7 +127,7 @@ def test_a_sink_predictor_that_never_sees_the_cache_fails_the_install(monkeypatc
 def test_the_sink_predictor_offers_sinks_once_installed():
     adapter = build_tiny_causal_lm("llama")
     kvsink.install(adapter, PROFILE)
-    cache = kvsink.SinkQuantizedCache(kvsink.KVQuantConfig(sink_strategy="kvsink", num_sinks=2))
+    cache = kvsink.SinkQuantizedCache(KVCacheScheme(group_size=32, sinks={"method": "kvsink", "num_sinks": 2}))
     logits(adapter, adapter.preprocess(["the cat sat on the mat ."]), cache)
     assert int((cache.rows.sink_positions >= 0).sum()) == 2
 
@@ -193,8 +194,8 @@ def test_kvsink_installed_twice_replaces_and_comes_off_exactly():
     adapter = build_tiny_causal_lm("llama")
     inputs = adapter.preprocess(["the cat sat on the mat ."])
     expected = logits(adapter, inputs)
-    sink_cache = lambda: kvsink.SinkQuantizedCache(kvsink.KVQuantConfig(bits=2, group_size=4, residual_length=0,
-                                                                         sink_strategy="kvsink", num_sinks=2))
+    sink_cache = lambda: kvsink.SinkQuantizedCache(KVCacheScheme(bits=2, group_size=4, residual_length=0,
+                                                                 sinks={"method": "kvsink", "num_sinks": 2}))
     kvsink.install(adapter, PROFILE)
     once = logits(adapter, inputs, sink_cache())
     handles = kvsink.install(adapter, PROFILE)

@@ -17,10 +17,11 @@ from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
 from quantsink.evaluate import embed_batches, fidelity
 from quantsink.export import load_adapter
-from quantsink.methods.base import MethodContext
-from quantsink.methods.regcache import RegCache, RegCacheOptions, install
+from quantsink.methods.regcache import install
 from quantsink.models import resolve, save_model
-from quantsink.models.base import EDITS_ATTRIBUTE, AttentionEdits, KVPrefix, attend, hidden_states_of, sdpa_with_logsumexp, take_tokens
+from quantsink.models.attention import EDITS_ATTRIBUTE, AttentionEdits, KVPrefix, attend, sdpa_with_logsumexp
+from quantsink.models.base import hidden_states_of
+from quantsink.models.deletion import take_tokens
 from quantsink.recipe import Recipe
 from quantsink.registry import QUANTIZERS
 from quantsink.testing.planted_clip import build_planted_clip, planted_sinks
@@ -262,9 +263,8 @@ def test_options_are_validated_with_their_field():
 
 def test_text_models_are_refused():
     adapter = build_tiny("hf-bert-text")
-    context = MethodContext(adapter, Recipe(), [], lambda: None, progress=False)
     with pytest.raises(UserError, match="regcache applies to vision encoders"):
-        RegCache(RegCacheOptions()).apply(context)
+        quantsink.quantize(adapter.model, {"methods": [{"regcache": {}}]}, progress=False)
     with pytest.raises(UserError, match="cannot be deleted from a sentence encoder"):
         adapter.delete_tokens_at(1, 2)
 

@@ -17,7 +17,9 @@ from typing import Any, Callable, ClassVar
 import torch
 from pydantic import BaseModel, ValidationError
 
+from quantsink.errors import UserError
 from quantsink.models.base import Adapter
+from quantsink.models.capabilities import describe
 from quantsink.quantizers.base import Quantizer
 from quantsink.recipe import Recipe, describe_validation_error
 
@@ -34,6 +36,9 @@ class MethodContext:
 class Method(ABC):
     name: ClassVar[str]
     options_model: ClassVar[type[BaseModel]]
+    # the capability Protocols (quantsink.models.capabilities) the adapter must offer, checked
+    # once by `require_capabilities` before the method is applied or restored
+    requires: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, options: BaseModel):
         self.options = options
@@ -58,3 +63,14 @@ class Method(ABC):
     @abstractmethod
     def restore(cls, adapter: Adapter, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "Method":
         """Install on a freshly rebuilt model, as `apply` left the original."""
+
+
+def require_capabilities(method: Method | type[Method], adapter: Adapter) -> None:
+    """Refuse an adapter that lacks a capability `method` requires, saying what to do."""
+    missing = next((capability for capability in method.requires if not isinstance(adapter, capability)), None)
+    if missing is not None:
+        article = "an" if adapter.modality[0] in "aeiou" else "a"
+        raise UserError(
+            f"{method.name} applies to {describe(missing)}; {adapter.source.spec} is {article} {adapter.modality} model "
+            f"whose {adapter.source.family} adapter offers no {missing.__name__}: remove {method.name} from the recipe's methods"
+        )

@@ -1,7 +1,9 @@
-"""kv-static: static symmetric integer quantization of a causal LM's KV cache, the scheme that
-llm-compressor writes as `kv_cache_scheme` and vLLM serves: one scale per layer for the keys and
-one for the values (`per_head`: one per key/value head), calibrated on the calibration text as
-the largest |K| and |V| its observer sees (padding left out).
+"""kv-static: the static scales of a KV cache scheme with `scales: static` (quantsink.kv.scheme;
+the recipe's kv_cache section implies this method, which is never listed in `methods`): static
+symmetric integer quantization of a causal LM's KV cache, what llm-compressor writes as
+`kv_cache_scheme` and vLLM serves: one scale per layer for the keys and one for the values
+(`per_head`: one per key/value head), calibrated on the calibration text as the largest |K| and
+|V| the scheme's observer sees (padding left out).
 
 What is quantized is what each attention hands its cache: keys after RoPE, and values,
 quantize-dequantized there (through the adapter's `transform_kv`), so the attention sees them as
@@ -17,37 +19,25 @@ quantized weights push beyond the calibrated range clip.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 
 from quantsink.compressed_tensors_format import fake_quantize_signed_grid
 from quantsink.errors import CheckpointError
-from quantsink.kvcache import require_kv_cache
+from quantsink.kv.attach import require_kv_cache
+from quantsink.kv.scheme import KVCacheScheme
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter
 from quantsink.models.handles import HandleSet, installing
 from quantsink.models.probe import Tally, require_runs
 from quantsink.quantizers.functional import qparams_from_range, qrange
-from quantsink.recipe import Bits, ObserverName
 from quantsink.registry import METHODS, OBSERVERS
-
-# compressed-tensors' name for each granularity (QuantizationStrategy)
-STRATEGIES = {"per_tensor": "tensor", "per_head": "attn_head"}
-
-
-class KVStaticOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    bits: Bits = 8
-    granularity: Literal["per_tensor", "per_head"] = "per_tensor"
-    observer: ObserverName = "minmax"
 
 
 def require_causal_lm(adapter: Adapter) -> None:
-    require_kv_cache(adapter, "kv-static", "remove kv-static from the recipe's methods")
+    require_kv_cache(adapter, "kv-static", "set kv_cache.scales: dynamic or remove the kv_cache section")
 
 
 def observed_rows(states: torch.Tensor, mask: torch.Tensor | None, granularity: str) -> torch.Tensor:
@@ -61,17 +51,17 @@ def observed_rows(states: torch.Tensor, mask: torch.Tensor | None, granularity: 
 
 @torch.no_grad()
 def calibrate(
-    adapter: Adapter, batches: list[dict[str, torch.Tensor]], options: KVStaticOptions, progress: bool = True
+    adapter: Adapter, batches: list[dict[str, torch.Tensor]], scheme: KVCacheScheme, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks, groups) scales of the keys and of the values, from a full pass over `batches`."""
-    observer = OBSERVERS.get(options.observer)
-    observers = [(observer(options.bits, True), observer(options.bits, True)) for _ in range(adapter.num_blocks)]
+    observer = OBSERVERS.get(scheme.observer)
+    observers = [(observer(scheme.bits, True), observer(scheme.bits, True)) for _ in range(adapter.num_blocks)]
     batch_mask: dict[str, torch.Tensor | None] = {}
 
     def observing(block: int):
         def transform(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             for block_observer, states in zip(observers[block], (keys, values)):
-                block_observer.observe(observed_rows(states, batch_mask["mask"], options.granularity))
+                block_observer.observe(observed_rows(states, batch_mask["mask"], scheme.keys.granularity))
             return keys, values
 
         return transform
@@ -84,7 +74,7 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-    scales = [[qparams_from_range(*each.range(), options.bits, symmetric=True)[0] for each in pair] for pair in observers]
+    scales = [[qparams_from_range(*each.range(), scheme.bits, symmetric=True)[0] for each in pair] for pair in observers]
     return torch.stack([keys for keys, _ in scales]), torch.stack([values for _, values in scales])
 
 
@@ -108,9 +98,9 @@ def install(adapter: Adapter, key_scales: torch.Tensor, value_scales: torch.Tens
 @METHODS.register("kv-static")
 class KVStatic(Method):
     name = "kv-static"
-    options_model = KVStaticOptions
+    options_model = KVCacheScheme
 
-    def __init__(self, options: KVStaticOptions):
+    def __init__(self, options: KVCacheScheme):
         super().__init__(options)
         self.key_scales: torch.Tensor | None = None  # (blocks, groups)
         self.value_scales: torch.Tensor | None = None
@@ -122,22 +112,24 @@ class KVStatic(Method):
         self.handles = install(context.adapter, self.key_scales, self.value_scales, self.options.bits)
         largest = qrange(self.options.bits, symmetric=True)[1]
         return {
-            **self.options.model_dump(),
+            "scheme": self.options.describe(),
             "key_absmax": (self.key_scales.amax(dim=1) * largest).tolist(),
             "value_absmax": (self.value_scales.amax(dim=1) * largest).tolist(),
         }
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return {"options": self.options.model_dump()}, {"key_scales": self.key_scales, "value_scales": self.value_scales}
+        return {"options": self.options.model_dump(mode="json")}, {"key_scales": self.key_scales, "value_scales": self.value_scales}
 
     @classmethod
     def restore(cls, adapter: Adapter, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "KVStatic":
         require_causal_lm(adapter)
         try:
-            method = cls(KVStaticOptions.model_validate(state["options"]))
+            method = cls(KVCacheScheme.model_validate(state["options"]))
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"the kv-static state is malformed ({error}): quantize the model again") from None
-        groups = 1 if method.options.granularity == "per_tensor" else adapter.num_key_value_heads
+        if method.options.scales != "static":
+            raise CheckpointError("the kv-static state holds a scheme with dynamic scales: quantize the model again")
+        groups = 1 if method.options.keys.granularity == "per_tensor" else adapter.num_key_value_heads
         for key in ("key_scales", "value_scales"):
             scales = tensors.get(key)
             if scales is None or scales.shape != (adapter.num_blocks, groups) or not bool(((scales > 0) & scales.isfinite()).all()):
@@ -153,10 +145,7 @@ class KVStatic(Method):
     def compressed_tensors_kv_cache(self, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """compressed-tensors holds a scale of shape (1,) per attention (`tensor`), or
         (heads, 1, 1) (`attn_head`), under the attention's own name."""
-        granularity = self.options.granularity
-        scheme = {"num_bits": self.options.bits, "type": "int", "symmetric": True, "strategy": STRATEGIES[granularity],
-                  "dynamic": False}
-        shape = (1,) if granularity == "per_tensor" else (-1, 1, 1)
+        shape = (1,) if self.options.keys.granularity == "per_tensor" else (-1, 1, 1)
         names = {id(module): name for name, module in adapter.model.named_modules()}
         tensors = {}
         for block in range(adapter.num_blocks):
@@ -164,4 +153,4 @@ class KVStatic(Method):
             # clones: safetensors refuses tensors that share storage
             tensors[f"{attention}.k_scale"] = self.key_scales[block].reshape(shape).clone()
             tensors[f"{attention}.v_scale"] = self.value_scales[block].reshape(shape).clone()
-        return scheme, tensors
+        return self.options.compressed_tensors(), tensors

@@ -25,6 +25,9 @@ tokens yet, in any layer. The threshold is quantsink's addition to the paper's p
 prompt with fewer real sinks than `num_sinks` does not spend the budget on ordinary tokens, and
 a delimiter that arrives later (a generated ".") still finds a slot. The hook costs one channel
 read and a comparison per token.
+
+The recipe's `kv_cache.sinks` configures it (quantsink.kv.scheme): `method: kvsink` implies this
+method, `num_sinks` is the cache's budget and `profile` (SinkProfiling) this method's options.
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantsink.errors import CheckpointError, UserError
-from quantsink.kvcache import KVQuantConfig, SinkQuantizedCache, require_kv_cache
+from quantsink.kv.attach import require_kv_cache
+from quantsink.kv.cache import SinkQuantizedCache
+from quantsink.kv.scheme import KVCacheScheme, SinkProfiling
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter, hidden_states_of
 from quantsink.models.handles import HandleSet, installing
@@ -45,14 +50,6 @@ from quantsink.models.probe import Tally, require_runs
 from quantsink.registry import METHODS
 
 log = logging.getLogger(__name__)
-
-
-class KVSinkOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # Sun et al.'s massive activations are ~1e3-1e4x a typical activation (Llama-2-7B: 2,500 vs <1)
-    massive_ratio: Annotated[float, Field(gt=1.0)] = 100.0
-    stable_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
 
 
 class SinkProfile(BaseModel):
@@ -75,7 +72,7 @@ class SinkProfile(BaseModel):
 
 
 def profile_sinks(
-    adapter: Adapter, batches: list[dict[str, torch.Tensor]], options: KVSinkOptions, progress: bool = True
+    adapter: Adapter, batches: list[dict[str, torch.Tensor]], options: SinkProfiling, progress: bool = True
 ) -> SinkProfile:
     """Find the emergence layer, the stable outlier channels and the sink threshold (module docstring)."""
     blocks = adapter.blocks()
@@ -150,7 +147,7 @@ def install(adapter: Adapter, profile: SinkProfile) -> HandleSet:
 
     def offer(_module: nn.Module, _args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         cache = adapter.cache_of_call(kwargs)
-        if not isinstance(cache, SinkQuantizedCache) or cache.config.sink_strategy != "kvsink":
+        if not isinstance(cache, SinkQuantizedCache) or cache.scheme.sinks.method != "kvsink":
             return
         scores = hidden_states_of(output)[..., channel].detach().abs().float()
         cache.offer_sinks(scores.masked_fill(scores < threshold, float("-inf")))
@@ -158,7 +155,7 @@ def install(adapter: Adapter, profile: SinkProfile) -> HandleSet:
 
     with installing(adapter.model, "kvsink") as handles:
         handles.add(block.register_forward_hook(offer, with_kwargs=True))
-        probe_cache = SinkQuantizedCache(KVQuantConfig(sink_strategy="kvsink", num_sinks=1))
+        probe_cache = SinkQuantizedCache(KVCacheScheme(sinks={"method": "kvsink", "num_sinks": 1}))
         require_runs(adapter.model, [tally], lambda: adapter.probe_kv_cache(probe_cache))
     return handles
 
@@ -182,9 +179,9 @@ def check_profile(adapter: Adapter, profile: SinkProfile) -> None:
 @METHODS.register("kvsink")
 class KVSink(Method):
     name = "kvsink"
-    options_model = KVSinkOptions
+    options_model = SinkProfiling
 
-    def __init__(self, options: KVSinkOptions):
+    def __init__(self, options: SinkProfiling):
         super().__init__(options)
         self.profile: SinkProfile | None = None
 
@@ -200,7 +197,7 @@ class KVSink(Method):
     @classmethod
     def restore(cls, adapter: Adapter, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "KVSink":
         try:
-            method = cls(KVSinkOptions.model_validate(state["options"]))
+            method = cls(SinkProfiling.model_validate(state["options"]))
             method.profile = SinkProfile.model_validate(state["profile"])
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"the kvsink state is malformed ({error}): quantize the model again") from None

@@ -2,7 +2,8 @@
 and BERT sentence encoders.
 
 `HFAdapter` holds what they share: loading from a local folder (config.json + safetensors),
-rebuilding from `config.to_dict()`, the image processor or tokenizer saved beside the weights.
+rebuilding from `config.to_dict()`, the image processor or tokenizer saved beside the weights;
+`HFImageAdapter` adds the sequence edits of the image towers (quantsink.models.editable).
 Each family only says which `model_type`s and classes it takes, where its parts sit inside a
 layer, and which output is its embedding.
 """
@@ -44,11 +45,14 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from quantsink.errors import CheckpointError, ModelLoadError, UserError
 from quantsink.io import MANIFEST
-from quantsink.models.base import Adapter, ModelSource, TokenDeletion, attend, register_adapter, take_tokens
+from quantsink.models.attention import attend
+from quantsink.models.base import Adapter, ModelSource, register_adapter
+from quantsink.models.deletion import TokenDeletion, take_tokens
+from quantsink.models.editable import EditableEncoderAdapter
 
 logger = logging.getLogger(__name__)
 
-# Attention edits (quantsink.models.base.attend) go in through transformers' attention-function
+# Attention edits (quantsink.models.attention.attend) go in through transformers' attention-function
 # registry: "quantsink_sdpa" and "quantsink_eager" run the kernel they are named after, with that
 # kernel's mask format, through `attend`.
 EDITED_KERNEL = "quantsink_"
@@ -192,30 +196,6 @@ class HFAdapter(Adapter):
     def num_prefix_tokens(self) -> int:
         return self.leading_tokens
 
-    # --- sequence edits ------------------------------------------------------------------
-    def _editable_attention(self, block_index: int) -> nn.Module:
-        kernel = self.model.config._attn_implementation
-        if not kernel.startswith(EDITED_KERNEL):
-            if kernel not in EDITABLE_KERNELS:
-                raise UserError(
-                    f"{self.source.spec} runs attention with {kernel!r}: quantsink edits attention only under "
-                    f"{' or '.join(EDITABLE_KERNELS)}; load the model with attn_implementation='sdpa'"
-                )
-            self.model.set_attn_implementation(EDITED_KERNEL + kernel)
-        return self.attention(block_index)
-
-    def _call_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
-        return args[1] if len(args) > 1 else kwargs.get("attention_mask")
-
-    def _with_call(
-        self, args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor, mask: torch.Tensor | None
-    ) -> tuple[tuple, dict[str, Any]]:
-        if len(args) > 1:
-            return (hidden, mask, *args[2:]), kwargs
-        if "attention_mask" in kwargs:
-            kwargs = {**kwargs, "attention_mask": mask}
-        return (hidden, *args[1:]), kwargs
-
     def _check_layout(self) -> None:
         """Fail at load time, not mid-calibration, on a variant whose layers look different."""
         try:
@@ -245,8 +225,37 @@ class HFAdapter(Adapter):
         return inputs[self.mask_input].bool() if self.mask_input else None
 
 
+class HFImageAdapter(HFAdapter, EditableEncoderAdapter):
+    """A transformers image encoder, whose sequence quantsink can edit through transformers'
+    attention-function registry."""
+
+    # --- sequence edits ------------------------------------------------------------------
+    def _editable_attention(self, block_index: int) -> nn.Module:
+        kernel = self.model.config._attn_implementation
+        if not kernel.startswith(EDITED_KERNEL):
+            if kernel not in EDITABLE_KERNELS:
+                raise UserError(
+                    f"{self.source.spec} runs attention with {kernel!r}: quantsink edits attention only under "
+                    f"{' or '.join(EDITABLE_KERNELS)}; load the model with attn_implementation='sdpa'"
+                )
+            self.model.set_attn_implementation(EDITED_KERNEL + kernel)
+        return self.attention(block_index)
+
+    def call_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+        return args[1] if len(args) > 1 else kwargs.get("attention_mask")
+
+    def with_call(
+        self, args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[tuple, dict[str, Any]]:
+        if len(args) > 1:
+            return (hidden, mask, *args[2:]), kwargs
+        if "attention_mask" in kwargs:
+            kwargs = {**kwargs, "attention_mask": mask}
+        return (hidden, *args[1:]), kwargs
+
+
 @register_adapter
-class HFCLIPAdapter(HFAdapter):
+class HFCLIPAdapter(HFImageAdapter):
     family = "hf-clip"
     model_types = ("clip", "clip_vision_model")
     model_classes = (CLIPVisionModel, CLIPVisionModelWithProjection)
@@ -274,7 +283,7 @@ class HFCLIPAdapter(HFAdapter):
 
 
 @register_adapter
-class HFSiglipAdapter(HFAdapter):
+class HFSiglipAdapter(HFImageAdapter):
     family = "hf-siglip"
     model_types = ("siglip", "siglip_vision_model")
     model_classes = (SiglipVisionModel,)
@@ -286,7 +295,7 @@ class HFSiglipAdapter(HFAdapter):
 
 
 @register_adapter
-class HFSiglip2Adapter(HFAdapter):
+class HFSiglip2Adapter(HFImageAdapter):
     """SigLIP 2 NaFlex: images become a padded sequence of at most `num_patches` patches."""
 
     family = "hf-siglip2"
@@ -299,7 +308,7 @@ class HFSiglip2Adapter(HFAdapter):
     def default_processor(cls, config: PretrainedConfig) -> Any:
         return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
 
-    def _follow_deletion(self, deletion: TokenDeletion) -> list[torch.utils.hooks.RemovableHandle]:
+    def follow_deletion(self, deletion: TokenDeletion) -> list[torch.utils.hooks.RemovableHandle]:
         """The pooling head takes the pixel attention mask of the full sequence, and a NaFlex
         patch grid is each image's own `spatial_shapes`."""
 
@@ -319,12 +328,12 @@ class HFSiglip2Adapter(HFAdapter):
             handles.append(self.model.head.register_forward_pre_hook(pool_kept, with_kwargs=True))
         return handles
 
-    def _patch_grids(self, deletion: TokenDeletion) -> list[tuple[int, int]]:
+    def patch_grids(self, deletion: TokenDeletion) -> list[tuple[int, int]]:
         return deletion.grids
 
 
 @register_adapter
-class HFDinov2Adapter(HFAdapter):
+class HFDinov2Adapter(HFImageAdapter):
     family = "hf-dinov2"
     model_types = ("dinov2", "dinov2_with_registers")
     model_classes = (Dinov2Model, Dinov2WithRegistersModel)
@@ -413,8 +422,8 @@ class HFBertTextAdapter(HFTextAdapter):
             tokenizer.model_max_length = json.loads(sentence_config.read_text())["max_seq_length"]
         return tokenizer
 
-    def _follow_deletion(self, deletion: TokenDeletion) -> list[torch.utils.hooks.RemovableHandle]:
-        deletion.remove()
+    def delete_tokens_at(self, block_index: int, count: int, refill: str = "none") -> TokenDeletion:
+        """Refused: a sentence encoder offers no sequence edits, and its pooling could not follow a deletion."""
         raise UserError(
             "tokens cannot be deleted from a sentence encoder: its embedding averages the last hidden states "
             "over the input's attention mask, outside the model"

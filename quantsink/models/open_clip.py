@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quantsink.errors import ModelLoadError, UserError
-from quantsink.models.base import Adapter, ModelSource, attend, register_adapter
+from quantsink.models.attention import attend
+from quantsink.models.base import ModelSource, register_adapter
+from quantsink.models.editable import EditableEncoderAdapter
 from quantsink.models.hub import hub_file
 
 logger = logging.getLogger(__name__)
@@ -126,7 +128,7 @@ def split_attention(module: nn.Module) -> nn.Module:
 
 
 @register_adapter
-class OpenCLIPAdapter(Adapter):
+class OpenCLIPAdapter(EditableEncoderAdapter):
     """Config: {"embed_dim", "vision_cfg" (open_clip CLIPVisionCfg fields), "quick_gelu", "preprocess_cfg"}."""
 
     family = "open-clip"

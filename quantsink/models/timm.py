@@ -22,7 +22,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from quantsink.errors import ModelLoadError, UserError
-from quantsink.models.base import Adapter, ModelSource, attend, register_adapter
+from quantsink.models.attention import attend
+from quantsink.models.base import ModelSource, register_adapter
+from quantsink.models.editable import EditableEncoderAdapter
 from quantsink.models.hub import hub_file
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class EditableAttention(Attention):
 
 
 @register_adapter
-class TimmViTAdapter(Adapter):
+class TimmViTAdapter(EditableEncoderAdapter):
     """Config: {"model_name": a timm name, "kwargs": create_model overrides, "data_config": the
     eval transform's settings (optional: resolved from the model when absent)}."""
 

@@ -1,0 +1,228 @@
+"""The KV cache scheme: how a causal LM's keys and values are quantized, the one object the
+recipe's `kv_cache:` section validates into and that the cache, the static-scale calibration and
+the exports read. Torch-free, so a recipe validates without importing any implementation.
+
+Modelled on compressed-tensors' `kv_cache_scheme` (one QuantizationArgs for keys and values):
+`bits`, a granularity for keys and for values, `scales` dynamic or static, plus what a
+compressed-tensors scheme cannot say: the groups and residual window of a dynamic cache, outliers,
+pre-RoPE keys and the attention sinks kept in full precision.
+
+* `scales: dynamic` (the default): `SinkQuantizedCache` computes each group's range as tokens
+  arrive (KIVI / KVQuant; quantsink.kv.cache says exactly how). Keys `per_channel` or
+  `per_token`, values `per_token`; `group_size`, `residual_length`, `outlier_fraction`,
+  `keys.pre_rope` and `sinks` apply.
+* `scales: static`: one symmetric scale per layer (`per_tensor`, the default) or per key/value
+  head (`per_head`) for the keys and for the values, calibrated once on the calibration text
+  with `observer` (quantsink.methods.kv_static) and applied where each attention hands its cache
+  the post-RoPE keys and values; what llm-compressor writes as `kv_cache_scheme` and vLLM serves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from quantsink.registry import KV_CACHE_BACKENDS, normalise
+from quantsink.schema import ObserverName, PositiveInt, Schema, registered_in
+
+
+class KVGranularity(str, Enum):
+    per_channel = "per_channel"
+    per_token = "per_token"
+    per_tensor = "per_tensor"
+    per_head = "per_head"
+
+
+class KVScales(str, Enum):
+    dynamic = "dynamic"
+    static = "static"
+
+
+class SinkMethod(str, Enum):
+    none = "none"
+    pfn = "pfn"
+    kvsink = "kvsink"
+
+
+DYNAMIC_KEYS = ("per_channel", "per_token")
+STATIC_GRANULARITIES = ("per_tensor", "per_head")
+# what a static scheme calls a granularity in compressed-tensors (QuantizationStrategy)
+COMPRESSED_TENSORS_STRATEGIES = {"per_tensor": "tensor", "per_head": "attn_head"}
+# the fields that only a dynamic cache reads (a static scheme leaves them at their defaults)
+DYNAMIC_ONLY = ("group_size", "residual_length", "outlier_fraction")
+
+
+class SinkProfiling(Schema):
+    """How the kvsink profiler finds the outlier channel (quantsink.methods.kvsink)."""
+
+    # Sun et al.'s massive activations are ~1e3-1e4x a typical activation (Llama-2-7B: 2,500 vs <1)
+    massive_ratio: Annotated[float, Field(gt=1.0)] = 100.0
+    stable_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+
+
+class KVSinks(Schema):
+    """Which tokens keep their K/V in full precision and out of every scale: none; pfn, the first
+    `num_sinks` real tokens of each row; kvsink, the `num_sinks` predicted from the outlier channel
+    (`profile` tunes the profiler)."""
+
+    method: SinkMethod = SinkMethod.none
+    num_sinks: PositiveInt = 5
+    profile: Optional[SinkProfiling] = None
+
+    @model_validator(mode="after")
+    def _profile_is_kvsinks(self) -> "KVSinks":
+        if self.profile is not None and self.method != SinkMethod.kvsink:
+            raise ValueError(f"profile tunes the kvsink predictor; method {self.method} has none, remove it")
+        return self
+
+
+class KVKeys(Schema):
+    granularity: KVGranularity = KVGranularity.per_channel
+    pre_rope: bool = False
+
+
+class KVValues(Schema):
+    # KIVI / KVQuant: dynamic values are quantized per token (never per channel: they are read per token)
+    granularity: Literal["per_token", "per_tensor", "per_head"] = "per_token"
+
+
+@dataclass(frozen=True)
+class BackendSupport:
+    """What a KV cache backend (quantsink.kv.backends) can run, declared here so that a recipe is
+    checked against it without importing the backend."""
+
+    bits: tuple[int, ...]
+    scales: tuple[str, ...] = ("dynamic",)
+    key_granularities: tuple[str, ...] = DYNAMIC_KEYS
+    sinks: bool = True
+    pre_rope: bool = True
+    outliers: bool = True
+
+    def incompatibility(self, name: str, scheme: "KVCacheScheme") -> Optional[str]:
+        """Why backend `name` cannot run `scheme` (one line with the fix), or None."""
+        keys = scheme.keys.granularity
+        unsupported = [
+            (scheme.scales not in self.scales, f"scales {scheme.scales}"),
+            (scheme.sinks.method != "none" and not self.sinks, f"sinks.method {scheme.sinks.method}"),
+            (scheme.keys.pre_rope and not self.pre_rope, "keys.pre_rope"),
+            (scheme.outlier_fraction > 0 and not self.outliers, "outlier_fraction"),
+            (scheme.scales == "dynamic" and keys not in self.key_granularities,
+             f"usable keys.granularity {keys} (set {' or '.join(self.key_granularities)})"),
+        ]
+        for present, what in unsupported:
+            if present:
+                return f"backend {name} has no {what}: use backend quantsink"
+        if scheme.bits not in self.bits:
+            supported = ", ".join(str(bits) for bits in self.bits)
+            return f"bits {scheme.bits}: the {name} KV cache stores {supported} bits; pick one of those"
+        return None
+
+
+BACKEND_SUPPORT = {
+    "quantsink": BackendSupport(bits=(2, 3, 4, 8, 16), scales=("dynamic", "static")),
+    # transformers' QuantizedCache with optimum-quanto: its per-channel axis groups across batch,
+    # heads and tokens and fails unless they divide the group, so keys are per token
+    "transformers-quanto": BackendSupport(bits=(2, 4), key_granularities=("per_token",), sinks=False, pre_rope=False,
+                                          outliers=False),
+}
+
+# the methods a scheme implies (quantsink.methods registers them), and the field that asks for each
+IMPLIED_METHODS = {"kv-static": "kv_cache.scales: static", "kvsink": "kv_cache.sinks.method: kvsink"}
+
+
+class KVCacheScheme(Schema):
+    """How the KV cache of a causal LM is quantized (module docstring): `quantsink.kv_cache(model)`
+    builds its cache, `SinkQuantizedCache(scheme)` takes it directly."""
+
+    backend: Annotated[str, registered_in(KV_CACHE_BACKENDS)] = "quantsink"
+    bits: int = 4
+    scales: KVScales = KVScales.dynamic
+    keys: KVKeys = Field(default_factory=KVKeys)
+    values: KVValues = Field(default_factory=KVValues)
+    group_size: PositiveInt = 64
+    residual_length: Annotated[int, Field(ge=0)] = 128
+    outlier_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+    observer: ObserverName = "minmax"
+    sinks: KVSinks = Field(default_factory=KVSinks)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _static_scales_are_per_tensor_unless_told(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("scales") != "static":
+            return data
+        for part in ("keys", "values"):
+            given = data.get(part) or {}
+            if isinstance(given, dict) and "granularity" not in given:
+                data = {**data, part: {**given, "granularity": "per_tensor"}}
+        return data
+
+    @model_validator(mode="after")
+    def _scales_fit_the_rest(self) -> "KVCacheScheme":
+        keys, values = self.keys.granularity, self.values.granularity
+        if self.scales == "dynamic":
+            if keys not in DYNAMIC_KEYS:
+                raise ValueError(f"keys.granularity {keys} needs scales: static; dynamic keys are per_channel or per_token")
+            if values != "per_token":
+                raise ValueError(f"values.granularity {values} needs scales: static; dynamic values are per_token")
+            if self.observer != "minmax":
+                raise ValueError(f"observer {self.observer} calibrates static scales; dynamic ones take each group's "
+                                 "range: remove it or set scales: static")
+            return self
+        if keys not in STATIC_GRANULARITIES or keys != values:
+            raise ValueError(f"static scales are per_tensor or per_head, the same for keys and values (compressed-tensors "
+                             f"has one strategy), got keys {keys} and values {values}: set both to one of those")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits {self.bits}: static scales quantize to 2-8 bits; pick one of those")
+        defaults = type(self).model_fields
+        dynamic_only = [name for name in DYNAMIC_ONLY if getattr(self, name) != defaults[name].default]
+        dynamic_only += [what for present, what in ((self.keys.pre_rope, "keys.pre_rope"), (self.sinks.method != "none", "sinks"))
+                         if present]
+        if dynamic_only:
+            raise ValueError(f"{dynamic_only[0]} applies to dynamic scales; static ones quantize every post-RoPE token with "
+                             "its layer's scale: remove it or set scales: dynamic")
+        return self
+
+    @model_validator(mode="after")
+    def _backend_supports_it(self) -> "KVCacheScheme":
+        # a backend registered without a declared support is checked by nothing but its own build
+        support = BACKEND_SUPPORT.get(normalise(self.backend))
+        problem = support.incompatibility(self.backend, self) if support is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def quantizes(self) -> bool:
+        return self.bits < 16
+
+    def outliers_per_group(self, group_numel: int) -> int:
+        return math.ceil(self.outlier_fraction * group_numel)
+
+    def implied_methods(self) -> list[tuple[str, Any]]:
+        """(method name, options) of the methods this scheme needs run on the model: kv-static
+        calibrates static scales (its options: this scheme), kvsink profiles the sink predictor."""
+        methods: list[tuple[str, Any]] = []
+        if self.scales == "static":
+            methods.append(("kv-static", self))
+        if self.sinks.method == "kvsink":
+            methods.append(("kvsink", self.sinks.profile or SinkProfiling()))
+        return methods
+
+    def compressed_tensors(self) -> dict[str, Any]:
+        """This static scheme as compressed-tensors' `kv_cache_scheme` (QuantizationArgs fields)."""
+        return {"num_bits": self.bits, "type": "int", "symmetric": True,
+                "strategy": COMPRESSED_TENSORS_STRATEGIES[self.keys.granularity], "dynamic": False}
+
+    def describe(self) -> str:
+        if self.scales == "static":
+            return f"{self.backend} {self.bits}-bit, static {self.keys.granularity} scales of keys and values ({self.observer})"
+        sinks = self.sinks.method if self.sinks.method == "none" else f"{self.sinks.method}-{self.sinks.num_sinks}"
+        keys = f"keys {self.keys.granularity}{' pre-RoPE' if self.keys.pre_rope else ''}"
+        outliers = f", {self.outlier_fraction:.1%} outliers" if self.outlier_fraction else ""
+        return (
+            f"{self.backend} {self.bits}-bit, {keys}, values per_token, groups of {self.group_size}, "
+            f"residual {self.residual_length}{outliers}, sinks {sinks}"
+        )

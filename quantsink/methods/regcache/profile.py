@@ -1,0 +1,125 @@
+"""The reference pass: what one full-precision pass over the calibration set shows, and the
+calibration images addressed by index, so that the later stages run on chosen subsets."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsink.models.base import Adapter, hidden_states_of
+
+Batch = dict[str, torch.Tensor]
+
+# The initial k~ counts, per image, the tokens at l_q's output whose l_inf norm exceeds this many
+# times the median token's: the massive tokens the deletion is meant for.
+MASSIVE_RATIO = 10.0
+MIN_SEARCH_SAMPLES = 8
+
+
+def batch_size(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def count(batches: list[Batch]) -> int:
+    return sum(batch_size(batch) for batch in batches)
+
+
+@dataclass
+class Profile:
+    """What one full-precision pass over the calibration set shows."""
+
+    embeddings: torch.Tensor  # (samples, dim)
+    token_linf: list[torch.Tensor]  # [block] (samples, tokens) l_inf norm at the block's output
+    deletable: torch.Tensor  # (samples, tokens): neither leading special token nor padding
+    fc2_input_max: list[float]  # [block] largest |x| entering fc2
+    before_blocks: set[str]  # targeted Linears outside the blocks that run before block 0
+
+    def massive_threshold(self, sensitive: int) -> torch.Tensor:
+        return MASSIVE_RATIO * self.token_linf[sensitive][self.deletable].median()
+
+    def massive_counts(self, sensitive: int) -> torch.Tensor:
+        """Per image, its tokens at l_q's output above MASSIVE_RATIO x the median token. The
+        largest count starts the k~ search: static scales are set by the worst image."""
+        massive = self.token_linf[sensitive] > self.massive_threshold(sensitive)
+        return (massive & self.deletable).sum(dim=-1)
+
+    def largest_token(self, blocks: range) -> torch.Tensor:
+        """Per image, its largest token l_inf norm at the output of `blocks`."""
+        return torch.stack([self.token_linf[block].masked_fill(~self.deletable, 0).amax(dim=-1)
+                            for block in blocks]).amax(dim=0)
+
+
+@torch.no_grad()
+def reference_pass(adapter: Adapter, batches: list[Batch], targets: list[str]) -> Profile:
+    """The Profile of `batches` on `adapter`'s full-precision model; `targets` are the names
+    of the Linears the recipe quantizes."""
+    blocks = adapter.num_blocks
+    token_linf: list[list[torch.Tensor]] = [[] for _ in range(blocks)]
+    fc2_max = [0.0] * blocks
+    order: list[str] = []
+    outside = {name for name in targets if not any(name.startswith(block + ".") for block in adapter.block_names())}
+
+    def on_block(index: int):
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            token_linf[index].append(hidden_states_of(output).abs().amax(dim=-1))
+        return hook
+
+    def on_fc2(index: int):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            fc2_max[index] = max(fc2_max[index], args[0].abs().max().item())
+        return hook
+
+    def note(name: str):
+        return lambda _module, _args: order.append(name)
+
+    handles = [block.register_forward_hook(on_block(i)) for i, block in enumerate(adapter.blocks())]
+    handles += [adapter.fc2(i).register_forward_pre_hook(on_fc2(i)) for i in range(blocks)]
+    handles += [adapter.model.get_submodule(name).register_forward_pre_hook(note(name)) for name in outside]
+    handles.append(adapter.blocks()[0].register_forward_pre_hook(note("")))
+    embeddings, deletable = [], []
+    try:
+        for batch in batches:
+            order.clear()
+            embeddings.append(adapter.embed(batch))
+            deletable.append(_deletable(adapter, batch, token_linf[0][-1].shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    before = set(order[: order.index("")]) if "" in order else set()
+    return Profile(torch.cat(embeddings), [torch.cat(norms) for norms in token_linf], torch.cat(deletable), fc2_max, before)
+
+
+def _deletable(adapter: Adapter, batch: Batch, shape: torch.Size) -> torch.Tensor:
+    mask = adapter.token_mask(batch)
+    deletable = torch.ones(shape, dtype=torch.bool) if mask is None else mask.bool().clone()
+    deletable[:, : adapter.num_prefix_tokens] = False
+    return deletable
+
+
+class CalibrationImages:
+    """The calibration images by index (calibration order), beside their full-precision embeddings."""
+
+    def __init__(self, batches: list[Batch], embeddings: torch.Tensor):
+        self.batches, self.embeddings = batches, embeddings
+        self.count = count(batches)
+
+    def batches_of(self, images: list[int]) -> list[Batch]:
+        """These images, in batches of the calibration batch size."""
+        where = [(batch, row) for batch, inputs in enumerate(self.batches) for row in range(batch_size(inputs))]
+        size = batch_size(self.batches[0])
+        chunks = [[where[image] for image in images[start : start + size]] for start in range(0, len(images), size)]
+        return [{key: torch.cat([self.batches[batch][key][row : row + 1] for batch, row in chunk]) for key in self.batches[0]}
+                for chunk in chunks]
+
+    def subset(self, fraction: float, hardest_first: list[int]) -> tuple[list[Batch], torch.Tensor]:
+        """`fraction` of the images (at least MIN_SEARCH_SAMPLES) and their full-precision
+        embeddings. Static activation scales are set by the most extreme images of the whole
+        set, so half the subset is the first of `hardest_first` and the other half the first of
+        the rest, as they come."""
+        wanted = min(self.count, max(MIN_SEARCH_SAMPLES, math.floor(fraction * self.count)))
+        hardest = hardest_first[: wanted // 2]
+        chosen = sorted(hardest) + [image for image in range(self.count) if image not in set(hardest)][: wanted - len(hardest)]
+        return self.batches_of(chosen), self.embeddings[chosen]

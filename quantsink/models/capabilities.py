@@ -1,0 +1,75 @@
+"""What a model family offers beyond the Adapter contract, as runtime-checkable Protocols.
+
+A method lists the capabilities it needs in `Method.requires`; the pipeline checks them once
+(quantsink.methods.base.require_capabilities) before any work is spent. Each Protocol's
+docstring opens with the phrase, in the plural, that the error names it by.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from quantsink.models.attention import KVPrefix
+    from quantsink.models.deletion import TokenDeletion
+    from quantsink.models.probe import Tally
+
+
+@runtime_checkable
+class EditableEncoder(Protocol):
+    """vision encoders (image patches and their sink tokens) whose token sequence quantsink can edit.
+
+    A key/value prefix per block, observers of each block's keys and values, deletion of tokens
+    at a block's input, and runs that start at a block on cached hidden states
+    (quantsink.models.editable implements them for every image family)."""
+
+    def set_kv_prefix(self, block_index: int, prefix: KVPrefix | None) -> None: ...
+
+    def observing_kv(
+        self, block_indices: Iterable[int], observer: Callable[[int, torch.Tensor, torch.Tensor], None]
+    ) -> AbstractContextManager[None]: ...
+
+    def delete_tokens_at(self, block_index: int, count: int, refill: str = "none") -> TokenDeletion: ...
+
+    def hidden_before(
+        self, block_index: int, inputs: dict[str, torch.Tensor], resume: tuple[int, torch.Tensor] | None = None
+    ) -> torch.Tensor: ...
+
+    def run_from(self, block_index: int, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def probe_inputs(self) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class KVCacheHost(Protocol):
+    """causal language models (the hosts of a KV cache).
+
+    How the model's call and each decoder block receive the cache, what each attention hands it
+    (`transform_kv`), its key/value heads and its rotary embedding (quantsink.models.causal_lm)."""
+
+    @property
+    def call_cache_keyword(self) -> str: ...
+
+    @property
+    def num_key_value_heads(self) -> int: ...
+
+    def cache_of_call(self, kwargs: dict[str, Any]) -> Any: ...
+
+    def probe_kv_cache(self, cache: Any) -> None: ...
+
+    def transform_kv(
+        self, block_index: int, transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        tally: Tally | None = None,
+    ) -> RemovableHandle: ...
+
+    def rotary_embedding(self) -> nn.Module: ...
+
+
+def describe(capability: type) -> str:
+    """The phrase that names `capability` in errors: the opening line of its docstring."""
+    return (capability.__doc__ or capability.__name__).strip().splitlines()[0].rstrip(".")
