@@ -1,12 +1,12 @@
 """Activation statistics gathered by hooks during the calibration pass.
 
 Per block: the per-token l_inf norm of the residual stream (the block's output) and the
-per-channel absmax; per targeted Linear: the absmax of its input. They feed the report (where
-the outliers are) and the methods (which tokens and layers carry massive activations)."""
+per-channel absmax. They feed the report (where the outliers are) and the methods (which tokens
+and layers carry massive activations)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -24,7 +24,6 @@ class ActivationStats:
     token_linf: list[list[torch.Tensor]]
     # [block] -> absmax of each hidden channel over every real token
     channel_absmax: list[torch.Tensor]
-    linear_input_absmax: dict[str, float] = field(default_factory=dict)
 
     def block_summary(self, block: int, top: int = 5) -> dict[str, Any]:
         norms = self.token_linf[block]
@@ -50,16 +49,14 @@ class ActivationStats:
 
 
 class StatisticsCollector:
-    """Hooks on the adapter's blocks and on the given Linears; use `attached()` as a context
-    so that no hook outlives the pass."""
+    """Hooks on the adapter's blocks; use `attached()` as a context so that no hook outlives
+    the pass."""
 
-    def __init__(self, adapter: Adapter, linears: dict[str, nn.Module]):
+    def __init__(self, adapter: Adapter):
         self.adapter = adapter
-        self.linears = linears
         self.block_names = adapter.block_names()
         self._token_linf: list[list[torch.Tensor]] = [[] for _ in self.block_names]
         self._channel_absmax: list[torch.Tensor | None] = [None for _ in self.block_names]
-        self._linear_absmax: dict[str, float] = {}
         self._mask: torch.Tensor | None = None
 
     def _on_block_output(self, block: int):
@@ -82,17 +79,9 @@ class StatisticsCollector:
 
         return hook
 
-    def _on_linear_input(self, name: str):
-        def hook(_module: nn.Module, inputs: tuple) -> None:
-            value = inputs[0].detach().abs().max().item()
-            self._linear_absmax[name] = max(self._linear_absmax.get(name, 0.0), value)
-
-        return hook
-
     @contextlib.contextmanager
     def attached(self) -> Iterator["StatisticsCollector"]:
         handles = [block.register_forward_hook(self._on_block_output(i)) for i, block in enumerate(self.adapter.blocks())]
-        handles += [module.register_forward_pre_hook(self._on_linear_input(name)) for name, module in self.linears.items()]
         try:
             yield self
         finally:
@@ -111,5 +100,4 @@ class StatisticsCollector:
             block_names=self.block_names,
             token_linf=self._token_linf,
             channel_absmax=list(self._channel_absmax),
-            linear_input_absmax=dict(self._linear_absmax),
         )

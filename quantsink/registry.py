@@ -160,10 +160,9 @@ for _registry, _entries in (
         "kv-static": "quantsink.methods.kv_static:KVStatic",
     }),
     (EXPORT_FORMATS, {
-        "fake-quant": "quantsink.export:FAKE_QUANT",
-        "int8": "quantsink.export:INT8",
-        # the module registers an instance of the class
-        "compressed-tensors": "quantsink.compressed_tensors_format:CompressedTensorsExport",
+        "fake-quant": "quantsink.exports.fake_quant:FAKE_QUANT",
+        "int8": "quantsink.exports.int8:INT8",
+        "compressed-tensors": "quantsink.exports.compressed_tensors:COMPRESSED_TENSORS",
     }),
     (KV_CACHE_BACKENDS, {  # the module registers an instance of each class
         "quantsink": "quantsink.kv.backends:QuantsinkKVCacheBackend",

@@ -11,7 +11,7 @@ from quantsink import cli
 from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
 from quantsink.evaluate import embed_batches
-from quantsink.export import load_adapter
+from quantsink.exports.folder import load_adapter
 from quantsink.models import save_model
 from quantsink.recipe import QuantizationConfig
 from quantsink.registry import QUANTIZERS

@@ -65,7 +65,7 @@ def test_existing_output_is_not_overwritten(tmp_path, good_recipe, capsys):
 
 
 def test_failure_midway_leaves_no_output(tmp_path, good_recipe, monkeypatch):
-    from quantsink import export
+    from quantsink.exports import folder as export
 
     def explode(*_args, **_kwargs):
         raise KeyboardInterrupt

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import quantsink
-from quantsink.compressed_tensors_format import fake_quantize_signed_grid
+from quantsink.kv.arithmetic import fake_quantize_signed_grid
 from quantsink.data import load_samples
 from quantsink.errors import CheckpointError, UserError
 from quantsink.models import save_model

@@ -14,10 +14,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import quantsink
 from quantsink import cli
-from quantsink.compressed_tensors_format import save_compressed_tensors
+from quantsink.exports.compressed_tensors import save_compressed_tensors
 from quantsink.data import load_samples
 from quantsink.errors import CheckpointError, UserError
-from quantsink.export import load_adapter
+from quantsink.exports.folder import load_adapter
 from quantsink.models import resolve, save_model
 from quantsink.quantizers import int8 as int8_module
 from quantsink.quantizers import kernels
@@ -399,19 +399,20 @@ class KVScales:
 def test_a_causal_lm_with_a_kv_scheme_loads_in_transformers(tmp_path):
     """The writer is generic over transformers models: a tiny Llama, W8A8 static, with a KV
     scheme handed in through the method hook."""
-    from quantsink.compressed_tensors_format import CompressedTensorsKVCache
+    from quantsink.exports.compressed_tensors import CompressedTensorsKVCache
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
     tokens = torch.randint(0, 96, (3, 20))
     settings = config(backend="int8", ignore=["re:lm_head"])
-    calibrated(model, Int8Quantizer(settings), tokens)
+    adapter, quantizer = resolve(model), Int8Quantizer(settings)
+    calibrated(model, quantizer, tokens)
     with torch.no_grad():
         expected = model(tokens).logits
     kv = KVScales(layers=2, scale=0.05)
     assert isinstance(kv, CompressedTensorsKVCache)
-    save_compressed_tensors(model, settings, tmp_path, kv.compressed_tensors_kv_cache(None))
+    save_compressed_tensors(adapter, quantizer, tmp_path, kv.compressed_tensors_kv_cache(None))
 
     config_json = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert config_json["kv_cache_scheme"].items() >= KVScales.scheme.items()
@@ -431,7 +432,7 @@ def test_a_causal_lm_with_a_kv_scheme_loads_in_transformers(tmp_path):
 def test_a_quantized_tied_output_projection_is_refused(tmp_path):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, tie_word_embeddings=True)).eval()
-    settings = config(backend="int8")
-    calibrated(model, Int8Quantizer(settings), torch.randint(0, 96, (2, 8)))
+    adapter, quantizer = resolve(model), Int8Quantizer(config(backend="int8"))
+    calibrated(model, quantizer, torch.randint(0, 96, (2, 8)))
     with pytest.raises(UserError, match="quantization.ignore"):
-        save_compressed_tensors(model, settings, tmp_path)
+        save_compressed_tensors(adapter, quantizer, tmp_path)

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict
 import quantsink
 from quantsink.data import load_samples
 from quantsink.errors import UserError
-from quantsink.export import load_adapter, restore_methods
+from quantsink.exports.folder import load_adapter, restore_methods
 from quantsink.methods.base import Method, require_capabilities
 from quantsink.models.capabilities import EditableEncoder, KVCacheHost
 from quantsink.registry import METHODS

@@ -9,7 +9,7 @@ import quantsink
 from quantsink import cli
 from quantsink.data import batched, load_samples
 from quantsink.evaluate import embed_batches, fidelity
-from quantsink.export import load_adapter
+from quantsink.exports.folder import load_adapter
 from quantsink.models import resolve, save_model
 from quantsink.testing.tiny import TINY_FAMILIES, build_tiny
 

@@ -16,7 +16,7 @@ from quantsink.calibration import StatisticsCollector
 from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
 from quantsink.evaluate import embed_batches, fidelity
-from quantsink.export import load_adapter
+from quantsink.exports.folder import load_adapter
 from quantsink.methods.regcache import install
 from quantsink.models import resolve, save_model
 from quantsink.models.attention import EDITS_ATTRIBUTE, AttentionEdits, KVPrefix, attend, sdpa_with_logsumexp
@@ -234,7 +234,7 @@ def test_statistics_follow_a_token_deletion_past_siglip2_padding(refill, images)
     for index, block in enumerate(adapter.blocks()):
         block.register_forward_hook(lambda _m, _a, output, index=index: outputs.__setitem__(index, hidden_states_of(output)))
     deletion = adapter.delete_tokens_at(1, 3, refill=refill)
-    collector = StatisticsCollector(adapter, {})
+    collector = StatisticsCollector(adapter)
     with collector.attached():
         collector.run(inputs)
     stats = collector.result()

@@ -1,6 +1,7 @@
 """The arithmetic of the dynamic KV cache: asymmetric min-max quantization of groups with
 dense-and-sparse outliers (KIVI, KVQuant), the rotation that pre-RoPE keys are taken out of and
-put back into, and the replacement of chosen tokens by their read-back."""
+put back into, and the replacement of chosen tokens by their read-back; and the rounding of
+static KV scales as a compressed-tensors loader applies them."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from quantsink.quantizers.functional import fake_quantize, qparams_from_range
+from quantsink.quantizers.functional import fake_quantize, qparams_from_range, signed_grid_shift
 
 
 class GroupQuantization(NamedTuple):
@@ -61,3 +62,13 @@ def requantize(states: torch.Tensor, select: torch.Tensor, quantizer: Callable[[
     by_token = stored.transpose(1, 2)
     by_token[select] = quantizer(by_token[select])
     return stored
+
+
+def fake_quantize_signed_grid(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static symmetric fake quantization as compressed-tensors computes it when transformers
+    loads a checkpoint (`forward_quantize`): round(clamp(x / scale, -2^(b-1), 2^(b-1) - 1)) *
+    scale, in x's dtype with the scale cast to it, as a loaded model holds its scales. That grid
+    is quantsink's asymmetric one moved down by `signed_grid_shift`, so that shift as the zero
+    point gives the same values (clamping before or after rounding agrees on integer bounds)."""
+    scale = scale.to(x)
+    return fake_quantize(x, scale, torch.full_like(scale, signed_grid_shift(bits, symmetric=False)), bits, symmetric=False)

@@ -11,6 +11,7 @@ from quantsink.errors import UserError
 from quantsink.kv.cache import SinkQuantizedCache
 from quantsink.kv.scheme import KVCacheScheme
 from quantsink.models.base import Adapter
+from quantsink.models.capabilities import KVCacheHost
 from quantsink.models.causal_lm import cache_in_call
 from quantsink.models.handles import HandleSet, installing
 from quantsink.models.probe import Tally, require_runs
@@ -60,5 +61,5 @@ def require_kv_cache(
     adapter: Adapter, asker: str = "a kv_cache recipe", fix: str = "give it a causal LM, or use a recipe without kv_cache"
 ) -> None:
     """Refuse a model without a KV cache for what `asker` does to one, saying `fix`."""
-    if not adapter.has_kv_cache:
+    if not isinstance(adapter, KVCacheHost):
         raise UserError(f"{asker} quantizes a causal LM's KV cache; {adapter.source.spec} ({adapter.family}) has none: {fix}")

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from quantsink.compressed_tensors_format import fake_quantize_signed_grid
+from quantsink.kv.arithmetic import fake_quantize_signed_grid
 from quantsink.errors import CheckpointError
-from quantsink.kv.attach import require_kv_cache
+from quantsink.models.capabilities import KVCacheHost
 from quantsink.kv.scheme import KVCacheScheme
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter
@@ -34,10 +34,6 @@ from quantsink.models.handles import HandleSet, installing
 from quantsink.models.probe import Tally, require_runs
 from quantsink.quantizers.functional import qparams_from_range, qrange
 from quantsink.registry import METHODS, OBSERVERS
-
-
-def require_causal_lm(adapter: Adapter) -> None:
-    require_kv_cache(adapter, "kv-static", "set kv_cache.scales: dynamic or remove the kv_cache section")
 
 
 def observed_rows(states: torch.Tensor, mask: torch.Tensor | None, granularity: str) -> torch.Tensor:
@@ -99,6 +95,7 @@ def install(adapter: Adapter, key_scales: torch.Tensor, value_scales: torch.Tens
 class KVStatic(Method):
     name = "kv-static"
     options_model = KVCacheScheme
+    requires = (KVCacheHost,)
 
     def __init__(self, options: KVCacheScheme):
         super().__init__(options)
@@ -107,7 +104,6 @@ class KVStatic(Method):
         self.handles: HandleSet | None = None  # what install put on the model
 
     def apply(self, context: MethodContext) -> dict[str, Any]:
-        require_causal_lm(context.adapter)
         self.key_scales, self.value_scales = calibrate(context.adapter, context.calibration_batches, self.options, context.progress)
         self.handles = install(context.adapter, self.key_scales, self.value_scales, self.options.bits)
         largest = qrange(self.options.bits, symmetric=True)[1]
@@ -122,7 +118,6 @@ class KVStatic(Method):
 
     @classmethod
     def restore(cls, adapter: Adapter, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "KVStatic":
-        require_causal_lm(adapter)
         try:
             method = cls(KVCacheScheme.model_validate(state["options"]))
         except (KeyError, TypeError, ValueError) as error:

@@ -40,11 +40,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantsink.errors import CheckpointError, UserError
-from quantsink.kv.attach import require_kv_cache
 from quantsink.kv.cache import SinkQuantizedCache
 from quantsink.kv.scheme import KVCacheScheme, SinkProfiling
 from quantsink.methods.base import Method, MethodContext
 from quantsink.models.base import Adapter, hidden_states_of
+from quantsink.models.capabilities import KVCacheHost
 from quantsink.models.handles import HandleSet, installing
 from quantsink.models.probe import Tally, require_runs
 from quantsink.registry import METHODS
@@ -161,7 +161,6 @@ def install(adapter: Adapter, profile: SinkProfile) -> HandleSet:
 
 
 def check_profile(adapter: Adapter, profile: SinkProfile) -> None:
-    require_kv_cache(adapter)
     if profile.emergence_layer >= adapter.num_blocks:
         raise CheckpointError(
             f"the kvsink profile names decoder block {profile.emergence_layer}, but the model has "
@@ -180,13 +179,13 @@ def check_profile(adapter: Adapter, profile: SinkProfile) -> None:
 class KVSink(Method):
     name = "kvsink"
     options_model = SinkProfiling
+    requires = (KVCacheHost,)
 
     def __init__(self, options: SinkProfiling):
         super().__init__(options)
         self.profile: SinkProfile | None = None
 
     def apply(self, context: MethodContext) -> dict[str, Any]:
-        require_kv_cache(context.adapter)
         self.profile = profile_sinks(context.adapter, context.calibration_batches, self.options, context.progress)
         install(context.adapter, self.profile)
         return self.profile.model_dump()

@@ -46,7 +46,6 @@ class ModelSource:
 class Adapter(ABC):
     family: ClassVar[str]
     modality: ClassVar[str]  # "image" or "text": which calibration samples it takes
-    has_kv_cache: ClassVar[bool] = False  # a causal LM: generates through a KV cache (quantsink.kv_cache)
 
     def __init__(self, model: nn.Module, source: ModelSource):
         self.model = model.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -68,6 +69,17 @@ class KVCacheHost(Protocol):
     ) -> RemovableHandle: ...
 
     def rotary_embedding(self) -> nn.Module: ...
+
+
+@runtime_checkable
+class TransformersCheckpoint(Protocol):
+    """transformers models (what a Hugging Face folder's config.json describes).
+
+    What an export in a format transformers loads asks of the model (quantsink.models.hf)."""
+
+    def save_transformers_config(self, folder: Path) -> None: ...
+
+    def tied_output_projection(self) -> str | None: ...
 
 
 def describe(capability: type) -> str:

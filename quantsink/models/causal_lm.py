@@ -85,7 +85,6 @@ def cache_in_call(kwargs: dict[str, Any]) -> Any:
 class HFCausalLMAdapter(HFTextAdapter):
     """A transformers `*ForCausalLM` whose decoder blocks are `<decoder_attr>.layers[i]`."""
 
-    has_kv_cache = True
     leading_tokens = 0  # a BOS token is an ordinary position: it may be a sink, and it is quantized
     tokenizer_files = ("tokenizer.json", "tokenizer.model", "vocab.json")
     decoder_attr: ClassVar[str] = "model"

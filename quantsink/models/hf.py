@@ -10,6 +10,7 @@ layer, and which output is its embedding.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import sys
@@ -174,6 +175,19 @@ class HFAdapter(Adapter):
     def save_assets(self, folder: Path) -> None:
         if self.processor is not None:
             self.processor.save_pretrained(folder)
+
+    # --- a folder transformers loads (capabilities.TransformersCheckpoint) ----------------
+    def save_transformers_config(self, folder: Path) -> None:
+        """config.json as `from_pretrained` reads it, naming the model's own class (a loaded
+        config may name another architecture of the family)."""
+        config = copy.deepcopy(self.model.config)
+        config.architectures = [type(self.model).__name__]
+        config.save_pretrained(folder)
+
+    def tied_output_projection(self) -> str | None:
+        """The name of the output projection when it shares the input embeddings' weight."""
+        projection = self.model.get_output_embeddings() if getattr(self.model.config, "tie_word_embeddings", False) else None
+        return next((name for name, module in self.model.named_modules() if module is projection), None)
 
     # --- structure ----------------------------------------------------------------------
     def _layers(self) -> nn.ModuleList:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import re
 from abc import ABC, abstractmethod
-from typing import Any, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator, Optional
 
+import torch
 from torch import nn
 
 from quantsink.errors import CheckpointError, UserError
-from quantsink.recipe import QuantizationConfig
+from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
 
 
 def matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
@@ -67,10 +69,35 @@ def replace_module(model: nn.Module, qualified_name: str, replacement: nn.Module
     setattr(parent, child_name, replacement)
 
 
+@dataclass
+class QuantizedLinear:
+    """A frozen quantized Linear as integers and scales, whichever backend holds it: what the
+    exports read and write, so that none of them knows a backend's module class.
+
+    `weight` holds the integer codes (int32, the weight's shape) on quantsink's grid:
+    [-(2^(b-1) - 1), 2^(b-1) - 1] when symmetric, [0, 2^b - 1] otherwise; `weight_scale` and
+    `weight_zero_point` have the shape `weight_args.granularity` gives (zeros when symmetric).
+    `input_scale` and `input_zero_point` exist for static inputs only."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero_point: torch.Tensor
+    input_scale: Optional[torch.Tensor]
+    input_zero_point: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    weight_args: WeightArgs
+    activation_args: Optional[ActivationArgs]
+
+
 class Quantizer(ABC):
     """A backend. Lifecycle: `prepare` swaps the targets for observing modules, the model runs
     on calibration data inside `calibrating`, `freeze` fixes the scales. `state` records what
-    `restore` needs to rebuild frozen modules on a fresh model before loading a checkpoint."""
+    `restore` needs to rebuild frozen modules on a fresh model before loading a checkpoint.
+
+    A backend whose frozen layers are integers and scales sets `integer_layers` and offers them
+    as `QuantizedLinear`s, which exports re-pack; the others' layers are saved as they hold them."""
+
+    integer_layers: ClassVar[bool] = False
 
     def __init__(self, config: QuantizationConfig):
         problem = self.incompatibility(config)
@@ -103,6 +130,15 @@ class Quantizer(ABC):
     @abstractmethod
     def state(self, model: nn.Module) -> dict[str, Any]:
         ...
+
+    def quantized_linears(self, model: nn.Module) -> dict[str, QuantizedLinear]:
+        """Every frozen quantized Linear of `model` by name (on a model `restore` rebuilt: the
+        shapes a checkpoint must fill)."""
+        raise UserError(f"quantization.backend {self.config.backend} keeps no integer layers to export: use export.format fake-quant")
+
+    def linear_state(self, linear: QuantizedLinear) -> dict[str, torch.Tensor]:
+        """The state of this backend's frozen module holding `linear`'s integers and scales."""
+        raise UserError(f"quantization.backend {self.config.backend} keeps no integer layers to load: use export.format fake-quant")
 
     @abstractmethod
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:

@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantsink.errors import UserError
-from quantsink.quantizers.base import Quantizer, replace_module, target_linears, module_to_restore
-from quantsink.quantizers.functional import fake_quantize, fake_quantize_along, qparams_from_range
+from quantsink.quantizers.base import QuantizedLinear, Quantizer, replace_module, target_linears, module_to_restore
+from quantsink.quantizers.functional import dequantize, fake_quantize, fake_quantize_along, qparams_from_range, quantize
 from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
 from quantsink.registry import OBSERVERS, QUANTIZERS
 
@@ -124,9 +124,19 @@ class FakeQuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {weights}{inputs}"
 
 
+def grid_weight(fake: FakeQuantLinear) -> torch.Tensor:
+    """A frozen FakeQuantLinear's weight as the integers of its grid (int32, weight's shape)."""
+    args = fake.weight_args
+    rows = weight_rows(fake.weight, args)
+    scale = fake.weight_scale.reshape(rows.shape[0], 1)
+    zero_point = fake.weight_zero_point.reshape(rows.shape[0], 1)
+    return quantize(rows, scale, zero_point, args.bits, args.symmetric).reshape(fake.weight.shape).to(torch.int32)
+
+
 @QUANTIZERS.register("fake")
 class FakeQuantizer(Quantizer):
     module_class = FakeQuantLinear
+    integer_layers = True
 
     def prepare(self, model: nn.Module) -> list[str]:
         targets = target_linears(model, self.config)
@@ -143,6 +153,34 @@ class FakeQuantizer(Quantizer):
 
     def state(self, model: nn.Module) -> dict[str, Any]:
         return {"modules": sorted(self.quantized_modules(model))}
+
+    def quantized_linears(self, model: nn.Module) -> dict[str, QuantizedLinear]:
+        if self.config.weights is None:
+            raise UserError("quantization.weights is null, so the layers hold no integers to export: use export.format fake-quant")
+        return {
+            name: QuantizedLinear(
+                weight=grid_weight(module), weight_scale=module.weight_scale, weight_zero_point=module.weight_zero_point,
+                input_scale=module.input_scale if module.quantizes_static_input else None,
+                input_zero_point=module.input_zero_point if module.quantizes_static_input else None,
+                bias=module.bias, weight_args=module.weight_args, activation_args=module.activation_args,
+            )
+            for name, module in self.quantized_modules(model).items()
+        }
+
+    def linear_state(self, linear: QuantizedLinear) -> dict[str, torch.Tensor]:
+        """The weight dequantized exactly as `freeze` left it, beside its integers' scales."""
+        scale = linear.weight_scale
+        rows = weight_rows(linear.weight.to(scale.dtype), linear.weight_args)
+        groups = rows.shape[0]
+        weight = dequantize(rows, scale.reshape(groups, 1), linear.weight_zero_point.to(scale.dtype).reshape(groups, 1))
+        state = {"weight": weight.reshape(linear.weight.shape), "weight_scale": scale,
+                 "weight_zero_point": linear.weight_zero_point.to(scale.dtype)}
+        if linear.input_scale is not None:
+            state["input_scale"] = linear.input_scale
+            state["input_zero_point"] = linear.input_zero_point.to(linear.input_scale.dtype)
+        if linear.bias is not None:
+            state["bias"] = linear.bias
+        return state
 
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
         for name in state["modules"]:

@@ -18,6 +18,12 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def signed_grid_shift(bits: int, symmetric: bool) -> int:
+    """What moves these integers onto the signed grid [-2^(b-1), 2^(b-1) - 1] that
+    compressed-tensors (and vLLM) store: symmetric ones lie inside it already."""
+    return 0 if symmetric else 2 ** (bits - 1)
+
+
 def qparams_from_range(
     lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from quantsink.quantizers import kernels
-from quantsink.quantizers.base import replace_module
-from quantsink.quantizers.fake import FakeQuantizer, FakeQuantLinear, weight_qparams_shape, weight_rows
-from quantsink.quantizers.functional import qparams_from_range, quantize
+from quantsink.quantizers.base import QuantizedLinear, replace_module
+from quantsink.quantizers.fake import FakeQuantizer, FakeQuantLinear, grid_weight, weight_qparams_shape
+from quantsink.quantizers.functional import qparams_from_range
 from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
 from quantsink.registry import QUANTIZERS
 
@@ -147,15 +147,6 @@ def stamp(tensor: torch.Tensor) -> tuple[int, int]:
     return tensor.data_ptr(), 0 if tensor.is_inference() else tensor._version
 
 
-def grid_weight(fake: FakeQuantLinear) -> torch.Tensor:
-    """A frozen FakeQuantLinear's weight as the integers of its grid (int32, weight's shape)."""
-    args = fake.weight_args
-    rows = weight_rows(fake.weight, args)
-    scale = fake.weight_scale.reshape(rows.shape[0], 1)
-    zero_point = fake.weight_zero_point.reshape(rows.shape[0], 1)
-    return quantize(rows, scale, zero_point, args.bits, args.symmetric).reshape(fake.weight.shape).to(torch.int32)
-
-
 @QUANTIZERS.register("int8")
 class Int8Quantizer(FakeQuantizer):
     """Calibrates through FakeQuantLinear (same observers), then converts to Int8Linear."""
@@ -179,22 +170,29 @@ class Int8Quantizer(FakeQuantizer):
     def state(self, model: nn.Module) -> dict[str, Any]:
         return {"modules": sorted(self.int8_modules(model))}
 
+    def quantized_linears(self, model: nn.Module) -> dict[str, QuantizedLinear]:
+        views = {}
+        for name, module in self.int8_modules(model).items():
+            static = getattr(module, "input_scale", None)
+            views[name] = QuantizedLinear(
+                weight=module.weight.to(torch.int32), weight_scale=module.weight_scale,
+                weight_zero_point=torch.zeros_like(module.weight_scale), input_scale=static,
+                input_zero_point=None if static is None else torch.zeros_like(static),
+                bias=module.bias, weight_args=module.weight_args, activation_args=module.activation_args,
+            )
+        return views
+
+    def linear_state(self, linear: QuantizedLinear) -> dict[str, torch.Tensor]:
+        state = {"weight": linear.weight.to(torch.int8), "weight_scale": linear.weight_scale}
+        if linear.input_scale is not None:
+            state["input_scale"] = linear.input_scale
+        if linear.bias is not None:
+            state["bias"] = linear.bias
+        return state
+
     def restore(self, model: nn.Module, state: dict[str, Any]) -> None:
         super().restore(model, state)  # checks the names, and its modules know the shapes
         for name, fake in self.quantized_modules(model).items():
             module = Int8Linear(fake.in_features, fake.out_features, fake.bias is not None,
                                 self.config.weights, self.config.activations)
             replace_module(model, name, module.to(fake.weight.device))
-
-
-def int8_export(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The model's state with every frozen FakeQuantLinear converted to Int8Linear, and the
-    int8 quantizer state that restores it."""
-    state = model.state_dict()
-    for name, module in model.named_modules():
-        if isinstance(module, FakeQuantLinear):
-            for key in module.state_dict():
-                del state[f"{name}.{key}"]
-            state.update({f"{name}.{key}": value for key, value in Int8Linear.from_fake(module).state_dict().items()})
-    modules = sorted(name for name, module in model.named_modules() if isinstance(module, (FakeQuantLinear, Int8Linear)))
-    return state, {"modules": modules}

@@ -9,7 +9,8 @@ What it writes, as llm-compressor does:
   on the group: loaders infer each layer's format from its scheme and never read the top-level
   one, so a layout other than the inferred one does not load. That is `int-quantized` when
   inputs are quantized and `pack-quantized` for weight-only;
-- model.safetensors: each quantized Linear's weight as int8 `weight` (int-quantized) or as
+- model.safetensors: each quantized Linear (the backend's integers and scales, as its
+  `quantized_linears` offers them) with its weight as int8 `weight` (int-quantized) or as
   `weight_packed` (the integers packed into int32 by compressed-tensors' `pack_to_int32`) and
   `weight_shape` (pack-quantized), then `weight_scale`, `weight_zero_point` (asymmetric only),
   `input_scale` and `input_zero_point` (static inputs; the zero point only when asymmetric),
@@ -33,28 +34,27 @@ rounding; static models agree except that inputs beyond the calibrated range cli
 """
 from __future__ import annotations
 
-import copy
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from quantsink import io
 from quantsink.errors import CheckpointError, UserError
-from quantsink.export import ExportFormat
+from quantsink.exports.base import Artifact, ExportFormat, Writes, replace_layers
 from quantsink.models.base import Adapter
-from quantsink.quantizers.fake import FakeQuantLinear, weight_rows
-from quantsink.quantizers.functional import dequantize, fake_quantize
-from quantsink.quantizers.int8 import Int8Linear, grid_weight
+from quantsink.models.capabilities import TransformersCheckpoint
+from quantsink.quantizers.base import QuantizedLinear, Quantizer
+from quantsink.quantizers.functional import signed_grid_shift
 from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
 from quantsink.registry import EXPORT_FORMATS
 
-if TYPE_CHECKING:
-    from quantsink.api import QuantizationResult
-
 STRATEGIES = {"per_channel": "channel", "per_tensor": "tensor", "per_group": "group", "per_token": "token"}
+
+# the entries of one layer, as compressed-tensors names them
+LAYER_KEYS = ("weight", "weight_scale", "weight_zero_point", "input_scale", "input_zero_point", "bias")
 
 
 @runtime_checkable
@@ -65,21 +65,6 @@ class CompressedTensorsKVCache(Protocol):
         """The `kv_cache_scheme` (compressed-tensors QuantizationArgs fields, e.g. {num_bits: 8,
         type: int, symmetric: true, strategy: tensor, dynamic: false}) and its tensors, named as
         the Hugging Face model names them (`model.layers.0.self_attn.k_scale`, `.v_scale`)."""
-
-
-def grid_shift(bits: int, symmetric: bool) -> int:
-    """What moves quantsink's integers onto compressed-tensors' signed grid."""
-    return 0 if symmetric else 2 ** (bits - 1)
-
-
-def fake_quantize_signed_grid(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Static symmetric fake quantization as compressed-tensors computes it when transformers
-    loads a checkpoint (`forward_quantize`): round(clamp(x / scale, -2^(b-1), 2^(b-1) - 1)) *
-    scale, in x's dtype with the scale cast to it, as a loaded model holds its scales. That grid
-    is quantsink's asymmetric one moved down by `grid_shift`, so that shift as the zero point gives
-    the same values (clamping before or after rounding agrees on integer bounds)."""
-    scale = scale.to(x)
-    return fake_quantize(x, scale, torch.full_like(scale, grid_shift(bits, symmetric=False)), bits, symmetric=False)
 
 
 def weight_scheme(args: WeightArgs) -> dict[str, Any]:
@@ -122,24 +107,21 @@ def quantization_config(config: QuantizationConfig, ignore: list[str], kv_cache_
     })
 
 
-def compressed_layer(module: FakeQuantLinear | Int8Linear, layout: str) -> dict[str, torch.Tensor]:
+def compressed_layer(linear: QuantizedLinear, layout: str) -> dict[str, torch.Tensor]:
     """A quantized Linear's tensors under compressed-tensors' names, in format `layout`."""
     from compressed_tensors.compressors import pack_to_int32
 
-    weights, inputs = module.weight_args, module.activation_args
-    if isinstance(module, Int8Linear):
-        tensors = module.state_dict()  # symmetric int8: already the int-quantized layout
-    else:
-        shift = grid_shift(weights.bits, weights.symmetric)
-        tensors = {"weight": (grid_weight(module) - shift).to(torch.int8), "weight_scale": module.weight_scale}
-        if not weights.symmetric:
-            tensors["weight_zero_point"] = (module.weight_zero_point - shift).to(torch.int8)
-        if module.quantizes_static_input:
-            tensors["input_scale"] = module.input_scale
-            if not inputs.symmetric:
-                tensors["input_zero_point"] = (module.input_zero_point - grid_shift(inputs.bits, False)).to(torch.int8)
-        if module.bias is not None:
-            tensors["bias"] = module.bias
+    weights, inputs = linear.weight_args, linear.activation_args
+    shift = signed_grid_shift(weights.bits, weights.symmetric)
+    tensors = {"weight": (linear.weight - shift).to(torch.int8), "weight_scale": linear.weight_scale}
+    if not weights.symmetric:
+        tensors["weight_zero_point"] = (linear.weight_zero_point - shift).to(torch.int8)
+    if linear.input_scale is not None:
+        tensors["input_scale"] = linear.input_scale
+        if not inputs.symmetric:
+            tensors["input_zero_point"] = (linear.input_zero_point - signed_grid_shift(inputs.bits, False)).to(torch.int8)
+    if linear.bias is not None:
+        tensors["bias"] = linear.bias
     if layout == "pack-quantized":
         weight = tensors.pop("weight")
         tensors["weight_packed"] = pack_to_int32(weight, weights.bits)
@@ -147,7 +129,7 @@ def compressed_layer(module: FakeQuantLinear | Int8Linear, layout: str) -> dict[
     return tensors
 
 
-def unpack_layer(tensors: dict[str, torch.Tensor], name: str, module: FakeQuantLinear | Int8Linear, origin: Path) -> None:
+def unpack_layer(tensors: dict[str, torch.Tensor], name: str, expected: QuantizedLinear, origin: Path) -> None:
     """Turn a pack-quantized layer's `weight_packed` and `weight_shape` in `tensors` back into the
     int-quantized `weight` (int8 on the signed grid); other layers are left as they are."""
     from compressed_tensors.compressors import unpack_from_int32
@@ -155,54 +137,56 @@ def unpack_layer(tensors: dict[str, torch.Tensor], name: str, module: FakeQuantL
     packed = tensors.pop(f"{name}.weight_packed", None)
     if packed is None:
         return
-    weights = module.weight_args
+    bits, (rows, columns) = expected.weight_args.bits, expected.weight.shape
     shape = tensors.pop(f"{name}.weight_shape", None)
-    columns = -(-module.in_features * weights.bits // 32)
-    if (packed.dtype != torch.int32 or packed.shape != (module.out_features, columns)
-            or shape is None or shape.tolist() != list(module.weight.shape)):
+    packed_columns = -(-columns * bits // 32)
+    if packed.dtype != torch.int32 or packed.shape != (rows, packed_columns) or shape is None or shape.tolist() != [rows, columns]:
         raise CheckpointError(
-            f"{origin}: {name}.weight_packed must be int32 {(module.out_features, columns)} with weight_shape "
-            f"{list(module.weight.shape)}, got {packed.dtype} {tuple(packed.shape)} and "
+            f"{origin}: {name}.weight_packed must be int32 {(rows, packed_columns)} with weight_shape "
+            f"{[rows, columns]}, got {packed.dtype} {tuple(packed.shape)} and "
             f"{None if shape is None else shape.tolist()}; re-export it"
         )
-    tensors[f"{name}.weight"] = unpack_from_int32(packed, weights.bits, module.weight.shape)
+    tensors[f"{name}.weight"] = unpack_from_int32(packed, bits, expected.weight.shape)
 
 
-def restore_fake_layer(tensors: dict[str, torch.Tensor], name: str, module: FakeQuantLinear, origin: Path) -> None:
-    """Turn a layer's compressed-tensors entries in `tensors` back into FakeQuantLinear's state
-    (the weight dequantized exactly as `freeze` left it); missing entries are left for the
-    loader to report."""
-    weights, inputs = module.weight_args, module.activation_args
+def read_layer(tensors: dict[str, torch.Tensor], name: str, expected: QuantizedLinear, origin: Path) -> Optional[QuantizedLinear]:
+    """A layer's int-quantized entries, taken out of `tensors`, as quantsink's integers and scales;
+    None (the entries left for the loader to report) when its weight or scale is missing."""
     weight, scale = tensors.get(f"{name}.weight"), tensors.get(f"{name}.weight_scale")
-    if weight is not None and scale is not None:
-        if weight.dtype != torch.int8 or weight.shape != module.weight.shape or scale.shape != module.weight_scale.shape:
-            raise CheckpointError(
-                f"{origin}: {name}.weight must be int8 {tuple(module.weight.shape)} with weight_scale "
-                f"{tuple(module.weight_scale.shape)}, got {weight.dtype} {tuple(weight.shape)} and "
-                f"{tuple(scale.shape)}; re-export it"
-            )
-        shift = grid_shift(weights.bits, weights.symmetric)
-        stored = tensors.pop(f"{name}.weight_zero_point", None)
-        zero_point = torch.zeros_like(scale) if stored is None else stored.to(scale.dtype) + shift
-        rows = weight_rows(weight.to(scale.dtype) + shift, weights)
-        groups = rows.shape[0]
-        tensors[f"{name}.weight"] = dequantize(rows, scale.reshape(groups, 1), zero_point.reshape(groups, 1)).reshape(weight.shape)
-        tensors[f"{name}.weight_zero_point"] = zero_point
-    input_scale = tensors.get(f"{name}.input_scale")
-    if module.quantizes_static_input and input_scale is not None:
-        stored = tensors.pop(f"{name}.input_zero_point", None)
-        shift = grid_shift(inputs.bits, inputs.symmetric)
-        tensors[f"{name}.input_zero_point"] = torch.zeros_like(input_scale) if stored is None else stored.to(input_scale.dtype) + shift
+    if weight is None or scale is None:
+        return None
+    if weight.dtype != torch.int8 or weight.shape != expected.weight.shape or scale.shape != expected.weight_scale.shape:
+        raise CheckpointError(
+            f"{origin}: {name}.weight must be int8 {tuple(expected.weight.shape)} with weight_scale "
+            f"{tuple(expected.weight_scale.shape)}, got {weight.dtype} {tuple(weight.shape)} and "
+            f"{tuple(scale.shape)}; re-export it"
+        )
+    stored = {key: tensors.pop(f"{name}.{key}") for key in LAYER_KEYS if f"{name}.{key}" in tensors}
+    weights, inputs = expected.weight_args, expected.activation_args
+    shift = signed_grid_shift(weights.bits, weights.symmetric)
+    zero_point = stored.get("weight_zero_point")
+    input_scale = stored.get("input_scale") if expected.input_scale is not None else None
+    input_zero_point = None
+    if input_scale is not None:
+        stored_zero_point = stored.get("input_zero_point")
+        input_zero_point = (torch.zeros_like(input_scale) if stored_zero_point is None
+                            else stored_zero_point.to(input_scale.dtype) + signed_grid_shift(inputs.bits, inputs.symmetric))
+    return QuantizedLinear(
+        weight=weight.to(torch.int32) + shift, weight_scale=scale,
+        weight_zero_point=torch.zeros_like(scale) if zero_point is None else zero_point.to(scale.dtype) + shift,
+        input_scale=input_scale, input_zero_point=input_zero_point, bias=stored.get("bias"),
+        weight_args=weights, activation_args=inputs,
+    )
 
 
-def kv_cache_export(result: "QuantizationResult") -> tuple[Optional[dict[str, Any]], dict[str, torch.Tensor]]:
+def kv_cache_export(artifact: Artifact) -> tuple[Optional[dict[str, Any]], dict[str, torch.Tensor]]:
     """The KV-cache scheme and tensors of the method that exports one, else (None, {})."""
-    exporters = [method for method in result.methods if isinstance(method, CompressedTensorsKVCache)]
+    exporters = [method for method in artifact.methods if isinstance(method, CompressedTensorsKVCache)]
     if len(exporters) > 1:
         raise UserError(f"methods {[m.name for m in exporters]} each quantize the KV cache: keep one")
     if not exporters:
         return None, {}
-    return exporters[0].compressed_tensors_kv_cache(result.adapter)
+    return exporters[0].compressed_tensors_kv_cache(artifact.adapter)
 
 
 def check_kv_cache_targets(model: nn.Module, kv_tensors: dict[str, torch.Tensor]) -> None:
@@ -230,81 +214,68 @@ def check_kv_cache_targets(model: nn.Module, kv_tensors: dict[str, torch.Tensor]
 
 
 def save_compressed_tensors(
-    model: nn.Module,
-    config: QuantizationConfig,
+    adapter: Adapter,
+    quantizer: Quantizer,
     folder: Path,
     kv_cache: tuple[Optional[dict[str, Any]], dict[str, torch.Tensor]] = (None, {}),
 ) -> None:
-    """Write config.json and model.safetensors for a transformers model whose Linears the fake or
-    int8 backend quantized as `config`; `kv_cache` is a `kv_cache_scheme` and its tensors."""
+    """Write config.json and model.safetensors for a transformers model whose Linears `quantizer`
+    quantized; `kv_cache` is a `kv_cache_scheme` and its tensors."""
     from compressed_tensors.compressors import ModelCompressor
-    from transformers import PreTrainedModel
 
-    problem = export_problem(config)
+    config = quantizer.config
+    problem = COMPRESSED_TENSORS.incompatibility(config)
     if problem is not None:
         raise UserError(problem)
-    if not isinstance(model, PreTrainedModel):
-        raise UserError(f"export.format compressed-tensors needs a transformers model, not a {type(model).__name__}: "
+    if not isinstance(adapter, TransformersCheckpoint):
+        raise UserError(f"export.format compressed-tensors needs a transformers model, not a {type(adapter.model).__name__}: "
                         "use export.format int8 or fake-quant")
-    output_embeddings = model.get_output_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and isinstance(output_embeddings, (FakeQuantLinear, Int8Linear)):
+    model = adapter.model
+    linears = quantizer.quantized_linears(model)
+    if adapter.tied_output_projection() in linears:
         raise UserError("the quantized output projection is tied to the input embeddings, which stay in float: "
                         "add it to quantization.ignore (e.g. lm_head)")
     kv_cache_scheme, kv_tensors = kv_cache
     if kv_cache_scheme is not None:
         check_kv_cache_targets(model, kv_tensors)
-    tensors = model.state_dict()
     layout = compression_format(config)
-    for name, module in model.named_modules():
-        if isinstance(module, (FakeQuantLinear, Int8Linear)):
-            for key in module.state_dict():
-                del tensors[f"{name}.{key}"]
-            tensors.update({f"{name}.{key}": value for key, value in compressed_layer(module, layout).items()})
+    tensors = replace_layers(model.state_dict(), {name: compressed_layer(linear, layout) for name, linear in linears.items()})
     tensors.update(kv_tensors)
     io.save_tensors(tensors, folder / io.WEIGHTS)
 
-    hf_config = copy.deepcopy(model.config)
-    hf_config.architectures = [type(model).__name__]
-    hf_config.save_pretrained(folder)
+    adapter.save_transformers_config(folder)
     ignore = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     quantization = quantization_config(config, ignore, kv_cache_scheme)
     ModelCompressor(quantization_config=quantization).update_config(str(folder))
 
 
-def export_problem(config: QuantizationConfig) -> Optional[str]:
-    """Why a model quantized as `config` cannot be written as a folder transformers loads, or None."""
-    if config.backend not in ("fake", "int8"):
-        return (f"quantization.backend is {config.backend}, export.format compressed-tensors writes the fake or "
-                "int8 backend's layers: use export.format fake-quant")
-    weights = config.weights
-    if weights is None:
-        return "quantization.weights is null, export.format compressed-tensors needs quantized weights: use fake-quant"
-    if compression_format(config) == "pack-quantized" and not weights.symmetric and weights.granularity != "per_tensor":
-        return (f"quantization.weights.symmetric is false with {weights.granularity} weights and no activations, whose "
-                "packed zero points transformers cannot load from compressed-tensors: use symmetric: true, "
-                "granularity per_tensor, or export.format fake-quant")
-    return None
-
-
 class CompressedTensorsExport(ExportFormat):
-    def check(self, config: QuantizationConfig) -> Optional[str]:
-        return export_problem(config)
+    writes = Writes(integer_layers=True, weights=True)
 
-    def write(self, result: "QuantizationResult", folder: Path) -> dict[str, Any]:
-        kv_cache = kv_cache_export(result)
-        save_compressed_tensors(result.model, result.recipe.quantization, folder, kv_cache)
+    def scheme_incompatibility(self, config: QuantizationConfig) -> Optional[str]:
+        weights = config.weights
+        if compression_format(config) == "pack-quantized" and not weights.symmetric and weights.granularity != "per_tensor":
+            return (f"quantization.weights.symmetric is false with {weights.granularity} weights and no activations, whose "
+                    "packed zero points transformers cannot load from compressed-tensors: use symmetric: true, "
+                    "granularity per_tensor, or export.format fake-quant")
+        return None
+
+    def write(self, artifact: Artifact, folder: Path) -> dict[str, Any]:
+        kv_cache = kv_cache_export(artifact)
+        save_compressed_tensors(artifact.adapter, artifact.quantizer, folder, kv_cache)
         return {"kv_cache_tensors": sorted(kv_cache[1])}
 
-    def read(self, folder: Path, model: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def read(self, folder: Path, quantizer: Optional[Quantizer], model: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
         tensors = io.load_tensors(folder / io.WEIGHTS)
         for key in manifest["quantization"].get("kv_cache_tensors", []):
             tensors.pop(key, None)  # their method restores them from methods.safetensors
-        for name, module in model.named_modules():
-            if isinstance(module, (FakeQuantLinear, Int8Linear)):
-                unpack_layer(tensors, name, module, folder / io.WEIGHTS)
-            if isinstance(module, FakeQuantLinear):
-                restore_fake_layer(tensors, name, module, folder / io.WEIGHTS)
+        origin = folder / io.WEIGHTS
+        for name, expected in quantizer.quantized_linears(model).items():
+            unpack_layer(tensors, name, expected, origin)
+            linear = read_layer(tensors, name, expected, origin)
+            if linear is not None:
+                tensors.update({f"{name}.{key}": value for key, value in quantizer.linear_state(linear).items()})
         return tensors
 
 
-EXPORT_FORMATS.register("compressed-tensors")(CompressedTensorsExport())
+COMPRESSED_TENSORS = EXPORT_FORMATS.register("compressed-tensors")(CompressedTensorsExport("compressed-tensors"))

@@ -1,0 +1,207 @@
+"""The stages of `quantize`, each a function with explicit inputs and outputs:
+
+    plan      recipe -> the methods it names (and an export format that can hold it)
+    load      spec -> Adapter, checked for what the recipe's methods and KV cache need
+    data      adapter, calibration settings -> Splits (preprocessed calibration and holdout batches)
+    methods   the methods applied to the model -> their reports
+    calibrate quantizer, batches -> Calibration (the targets, every one proven to run; ActivationStats)
+    quantize  freeze -> the quantized model, proven to run by a probe forward
+    evaluate  holdout embeddings before and after -> fidelity; a KV cache's perplexity and KL
+    export    Artifact -> the output folder (quantsink.exports.folder)
+
+`run` composes them into the Artifact that every export reads."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantsink.calibration import ActivationStats, StatisticsCollector
+from quantsink.data import batched, load_samples
+from quantsink.errors import UserError
+from quantsink.evaluate import KVComparison, compare_kv_caches, embed_batches, fidelity
+from quantsink.exports import folder
+from quantsink.exports.base import Artifact
+from quantsink.kv.attach import attach_kv_cache, build_kv_cache, require_kv_cache
+from quantsink.kv.cache import SinkQuantizedCache
+from quantsink.kv.scheme import KVCacheScheme
+from quantsink.kv.storage import KVMemory
+from quantsink.methods.base import Method, MethodContext, require_capabilities
+from quantsink.models import resolve
+from quantsink.models.base import Adapter
+from quantsink.models.probe import require_modules_run, require_runs, tallied_modules
+from quantsink.quantizers.base import Quantizer
+from quantsink.recipe import CalibrationConfig, Recipe
+from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Preprocessed batches of the calibration and holdout samples, and where they came from."""
+
+    calibration: list[dict[str, Any]]
+    holdout: list[dict[str, Any]]
+    description: str
+    calibration_samples: int
+    holdout_samples: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the calibration pass leaves: the targeted modules and the activation statistics."""
+
+    targets: list[str]
+    stats: ActivationStats
+    seconds: float
+
+
+def plan(recipe: Recipe) -> list[Method]:
+    """The recipe's methods, after refusing an export that cannot hold its quantization: before
+    any calibration is spent on it."""
+    methods = [METHODS.get(name)(METHODS.get(name).validate_options(options)) for name, options in recipe.method_entries()]
+    if recipe.quantization is not None:
+        problem = EXPORT_FORMATS.get(recipe.export.format).incompatibility(recipe.quantization)
+        if problem is not None:
+            raise UserError(problem)
+    return methods
+
+
+def load(spec: str | nn.Module, recipe: Recipe, methods: list[Method]) -> Adapter:
+    adapter = resolve(spec)
+    if recipe.kv_cache is not None:
+        # static scales are calibrated by the kv-static method, named as it is in the folder
+        require_kv_cache(adapter, "kv-static" if recipe.kv_cache.scales == "static" else "a kv_cache recipe")
+    for method in methods:
+        require_capabilities(method, adapter)
+    return adapter
+
+
+def preprocess_all(adapter: Adapter, samples: list[Any], batch_size: int, max_length: Optional[int]) -> list[dict[str, Any]]:
+    return [adapter.preprocess(batch, max_length=max_length) for batch in batched(samples, batch_size)]
+
+
+def data(adapter: Adapter, settings: CalibrationConfig) -> Splits:
+    samples = load_samples(settings.data, adapter.modality, settings.num_samples, settings.holdout, settings.seed, settings.seq_len)
+    return Splits(
+        calibration=preprocess_all(adapter, samples.calibration, settings.batch_size, settings.seq_len),
+        holdout=preprocess_all(adapter, samples.holdout, settings.batch_size, settings.seq_len),
+        description=samples.description,
+        calibration_samples=len(samples.calibration),
+        holdout_samples=len(samples.holdout),
+    )
+
+
+def run_methods(context: MethodContext, methods: list[Method]) -> dict[str, Any]:
+    return {method.name: method.apply(context) for method in methods}
+
+
+def calibrate(adapter: Adapter, quantizer: Quantizer, batches: list[dict[str, Any]], progress: bool = True) -> Calibration:
+    """Prepare the quantizer's targets and run the calibration pass, which must reach each one."""
+    targets = quantizer.prepare(adapter.model)
+    collector = StatisticsCollector(adapter)
+    started = time.perf_counter()
+
+    def calibration_pass() -> None:
+        for inputs in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+            collector.run(inputs)
+
+    with collector.attached(), quantizer.calibrating(adapter.model), tallied_modules(adapter.model, targets) as tallies:
+        require_runs(adapter.model, tallies, calibration_pass, during="the calibration pass",
+                     fix="the model never calls it; add it to quantization.ignore")
+    return Calibration(targets=targets, stats=collector.result(), seconds=time.perf_counter() - started)
+
+
+def quantize(adapter: Adapter, quantizer: Quantizer, calibration: Calibration) -> dict[str, Any]:
+    """Freeze the calibrated targets, prove a probe forward reaches them; their report entries."""
+    quantizer.freeze(adapter.model)
+    require_modules_run(adapter, calibration.targets)
+    return {"quantized_modules": len(calibration.targets), **quantizer.runtime(adapter.model), "outliers": calibration.stats.summary()}
+
+
+def evaluate(adapter: Adapter, reference: Any, holdout: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fidelity of the model's holdout embeddings to `reference`, those of full precision."""
+    result = fidelity(reference, embed_batches(adapter, holdout))
+    log.info("holdout cosine %.4f (min %.4f)", result["cosine_mean"], result["cosine_min"])
+    return result
+
+
+def kv_cache_fidelity(
+    adapter: Adapter, batches: list[dict[str, Any]], scheme: KVCacheScheme, chunk_size: int = 16, progress: bool = True
+) -> dict[str, Any]:
+    """Perplexity with the full-precision cache and with the quantized one, and the per-token KL
+    between their next-token distributions, over `batches` fed through both caches in chunks of
+    `chunk_size` tokens; plus what the quantized cache costs per token."""
+    if scheme.scales == "static":
+        raise UserError(
+            "kv_cache.scales is static: the model quantizes its own keys and values, so a full-precision cache "
+            "compares with nothing; its fidelity is in OUT/report.json (fidelity), written by quantsink quantize"
+        )
+    comparisons, memories = [], []
+    for inputs in tqdm(batches, desc="kv cache eval", unit="batch", disable=not progress):
+        cache = build_kv_cache(scheme, adapter)
+        comparisons.append(compare_kv_caches(adapter.model, inputs["input_ids"], cache, chunk_size, inputs.get("attention_mask")))
+        if isinstance(cache, SinkQuantizedCache):  # other backends do not account for their storage
+            memories.append(cache.memory())
+    comparison = KVComparison.combine(comparisons)
+    memory = KVMemory.sum(memories) if memories else None
+    return {
+        "scheme": scheme.describe(),
+        "chunk_size": chunk_size,
+        "tokens": comparison.tokens,
+        "perplexity_reference": comparison.perplexity_reference,
+        "perplexity_quantized": comparison.perplexity_quantized,
+        "kl_mean": comparison.kl_mean,
+        "bytes_per_token": memory.bytes_per_token if memory is not None and memory.tokens else float("nan"),
+        "compression": memory.compression if memory is not None and memory.total else float("nan"),
+    }
+
+
+def export(artifact: Artifact, destination: str | Path) -> Path:
+    return folder.save(artifact, destination)
+
+
+def run(spec: str | nn.Module, recipe: Recipe, progress: bool = True) -> tuple[Artifact, Optional[ActivationStats]]:
+    """Every stage up to export, in order: the artifact, and the activation statistics when the
+    recipe quantizes Linears."""
+    methods = plan(recipe)
+    adapter = load(spec, recipe, methods)
+    splits = data(adapter, recipe.calibration)
+    # static KV scales go into the model as weights do: measured as the model's fidelity
+    static_kv = recipe.kv_cache is not None and recipe.kv_cache.scales == "static"
+    reference = embed_batches(adapter, splits.holdout) if recipe.quantization is not None or static_kv else None
+
+    def make_quantizer() -> Quantizer:
+        return QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
+
+    report: dict[str, Any] = {
+        "model": adapter.source.spec,
+        "family": adapter.source.family,
+        "recipe": recipe.name,
+        "calibration": {
+            "data": splits.description,
+            "calibration_samples": splits.calibration_samples,
+            "holdout_samples": splits.holdout_samples,
+        },
+        "methods": run_methods(MethodContext(adapter, recipe, splits.calibration, make_quantizer, progress), methods),
+    }
+    quantizer, stats = None, None
+    if recipe.quantization is not None:
+        quantizer = make_quantizer()
+        calibration = calibrate(adapter, quantizer, splits.calibration, progress)
+        report["calibration"]["seconds"] = calibration.seconds
+        report.update(quantize(adapter, quantizer, calibration))
+        stats = calibration.stats
+    if reference is not None:
+        report["fidelity"] = evaluate(adapter, reference, splits.holdout)
+    if recipe.kv_cache is not None:
+        attach_kv_cache(adapter, recipe.kv_cache)
+        if not static_kv:
+            report["kv_cache"] = kv_cache_fidelity(adapter, splits.holdout, recipe.kv_cache, progress=progress)
+    return Artifact(adapter=adapter, recipe=recipe, quantizer=quantizer, methods=tuple(methods), report=report), stats
