@@ -29,6 +29,7 @@ def good_recipe(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_malformed_recipe(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("quantization:\n  activations: {bits: nine}\n")
@@ -37,18 +38,21 @@ def test_malformed_recipe(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_unknown_model_suggests_close_names(tmp_path, good_recipe):
     completed = run_cli("quantize", "clip-vit-l14", str(good_recipe), "-o", str(tmp_path / "out"), cwd=tmp_path)
     assert_one_line_error(completed, "clip-vit-l")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_uncached_hub_id_says_how_to_fix(tmp_path, good_recipe):
     completed = run_cli("quantize", "hf:openai/clip-vit-large-patch14", str(good_recipe), "-o", str(tmp_path / "out"), cwd=tmp_path)
     assert_one_line_error(completed, "local folder")
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_empty_calibration_folder(tmp_path, good_recipe):
     empty = tmp_path / "images"
     empty.mkdir()
@@ -64,6 +68,7 @@ def test_existing_output_is_not_overwritten(tmp_path, good_recipe, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_failure_midway_leaves_no_output(tmp_path, good_recipe, monkeypatch):
     from quantsink.exports import folder as export
 
@@ -137,6 +142,7 @@ def test_output_without_permission_leaves_no_parents_behind(tmp_path, good_recip
     assert list(tmp_path.iterdir()) == [good_recipe]
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(tmp_path, good_recipe, capsys, monkeypatch):
     import errno
 
@@ -152,6 +158,7 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(tmp_p
     assert list(tmp_path.iterdir()) == [good_recipe]
 
 
+@pytest.mark.slow
 def test_the_console_reports_an_output_under_a_file_in_one_line(tmp_path, good_recipe):
     blocker = tmp_path / "file"
     blocker.write_text("")

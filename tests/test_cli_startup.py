@@ -95,6 +95,7 @@ Recipe.from_dict({"name": "r", "quantization": {"backend": "quanto"}, "export": 
     assert "optimum.quanto" not in imported, completed.stderr
 
 
+@pytest.mark.slow
 def test_loading_a_model_imports_only_its_own_family_library():
     code = """
 import quantsink

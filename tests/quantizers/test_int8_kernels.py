@@ -12,7 +12,7 @@ from quantsink.errors import UserError
 from quantsink.quantizers import kernels
 from quantsink.quantizers.int8 import Int8Quantizer
 from quantsink.registry import INT8_KERNELS
-from test_int8 import ACTIVATIONS, OperatorSpy, calibrated, check_int8_gives_the_fake_outputs, config, mlp
+from int8_helpers import ACTIVATIONS, OperatorSpy, calibrated, check_int8_gives_the_fake_outputs, config, mlp
 
 CPU = torch.device("cpu")
 QUANTIZED_INPUTS = {name: args for name, args in ACTIVATIONS.items() if args is not None}

@@ -68,6 +68,7 @@ def disable_kv_quantization(hf_model):
         layer.self_attn.quantization_enabled = False
 
 
+@pytest.mark.slow
 @kv_scheme_loads
 @pytest.mark.parametrize("backend, kv_static, scale_shape", [
     ("fake", {}, (1,)),
@@ -164,6 +165,7 @@ def test_the_rounding_is_compressed_tensors_rounding(dtype, bits, strategy, scal
     assert expected.dtype == dtype and (expected / scale.to(dtype)).min() == -(2 ** (bits - 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, export", [
     ("fake", "fake-quant"), ("int8", "int8"), pytest.param("int8", "compressed-tensors", marks=kv_scheme_loads),
 ])

@@ -12,10 +12,8 @@ from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
 from quantsink.evaluate import embed_batches
 from quantsink.exports.folder import load_adapter
-from quantsink.models import save_model
 from quantsink.recipe import QuantizationConfig
 from quantsink.registry import QUANTIZERS
-from quantsink.testing.tiny import build_tiny
 
 CALIBRATION = {"data": "bundled", "num_samples": 4, "batch_size": 4, "seed": 0, "holdout": 4}
 PER_TOKEN = {"granularity": "per_token", "dynamic": True}
@@ -34,13 +32,6 @@ def recipe_file(folder, quantization):
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "clip"
-    save_model(build_tiny("hf-clip"), folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def fake_fidelity(tiny_clip, tmp_path_factory):
     """The fake backend's fidelity for each activation setting the backends are tested with."""
     folder = tmp_path_factory.mktemp("fake")
@@ -52,6 +43,7 @@ def fake_fidelity(tiny_clip, tmp_path_factory):
     return reports
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", BACKENDS.values(), ids=BACKENDS.keys())
 def test_backend_quantizes_reloads_and_tracks_fake(quantization, tiny_clip, fake_fidelity, tmp_path):
     recipe = recipe_file(tmp_path, quantization)
@@ -92,6 +84,7 @@ def test_backends_refuse_what_their_library_cannot_run(backend, fields, field):
     assert message.startswith(field + " ") and "\n" not in message and "backend fake" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torchao", "quanto"])
 def test_regcache_runs_atop_the_backend_and_reloads(backend, tiny_clip, tmp_path):
     """RegCache installs its prefix and deletion before the backend quantizes; both come back."""

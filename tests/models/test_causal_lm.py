@@ -34,6 +34,7 @@ def test_bits_16_generates_exactly_the_tokens_of_the_default_cache(model_type):
     assert expected.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", TINY_CAUSAL_LMS)
 def test_left_padded_rows_get_what_they_get_alone(model_type):
     """8-bit pre-RoPE keys: the cache un-rotates with each family's rotary embedding (GPT-NeoX's

@@ -28,7 +28,7 @@ from quantsink.testing.planted_clip import build_planted_clip, planted_sinks
 from quantsink.testing.tiny import TINY_FAMILIES, build_tiny
 
 VISION_FAMILIES = [family for family in TINY_FAMILIES if family != "hf-bert-text"]
-PLANTED_RECIPE = Path(__file__).parents[1] / "recipes" / "planted-clip-w8a8-regcache.yaml"
+PLANTED_RECIPE = Path(__file__).parents[2] / "recipes" / "planted-clip-w8a8-regcache.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +310,7 @@ def quantized_holdout(planted, settings) -> torch.Tensor:
     return embed_batches(adapter, planted["holdout"])
 
 
+@pytest.mark.slow
 def test_cli_search_reloads_exactly_and_reports_its_cost(planted):
     result = planted["result"]
     report = result.report["methods"]["regcache"]
@@ -324,6 +325,7 @@ def test_cli_search_reloads_exactly_and_reports_its_cost(planted):
         assert torch.equal(loaded.embed(inputs), result.adapter.embed(inputs))
 
 
+@pytest.mark.slow
 def test_both_parts_beat_naive_and_either_part_alone_at_w8a8(planted):
     settings = planted["result"].methods[0].settings
     assert settings.delete_tokens > 0 and settings.num_registers > 0
@@ -338,6 +340,7 @@ def test_both_parts_beat_naive_and_either_part_alone_at_w8a8(planted):
     assert 1 - both < 0.25 * (1 - max(others.values())), (both, others)
 
 
+@pytest.mark.slow
 def test_max_token_norm_at_the_sensitive_layer_drops_3x(planted):
     """The sensitive layer is block l_q's fc2: its input is where the sinks' massive values sit."""
     method = planted["result"].methods[0]

@@ -1,6 +1,4 @@
-"""Real int8 execution (the `int8` backend) and the exports that carry integers: `int8` and
-`compressed-tensors` (loaded back by transformers' `from_pretrained`)."""
-import copy
+"""The `compressed-tensors` export, loaded back by transformers' `from_pretrained` and by quantsink."""
 import json
 
 import pytest
@@ -9,209 +7,20 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import quantsink
 from quantsink import cli
-from quantsink.exports.compressed_tensors import save_compressed_tensors
-from quantsink.data import load_samples
 from quantsink.errors import CheckpointError, UserError
+from quantsink.exports.compressed_tensors import save_compressed_tensors
 from quantsink.exports.folder import load_adapter
 from quantsink.models import resolve, save_model
 from quantsink.quantizers import int8 as int8_module
-from quantsink.quantizers import kernels
-from quantsink.quantizers.fake import FakeQuantizer
-from quantsink.quantizers.functional import quantize
 from quantsink.quantizers.int8 import Int8Linear, Int8Quantizer
-from quantsink.quantizers.kernels import int8_matmul
-from quantsink.recipe import QuantizationConfig
-from quantsink.registry import INT8_KERNELS
 from quantsink.testing.tiny import build_tiny
 
 from conftest import kv_scheme_loads
-
-CALIBRATION = {"data": "bundled", "num_samples": 4, "batch_size": 4, "seed": 0, "holdout": 4}
-ACTIVATIONS = {
-    "static per-tensor": {"granularity": "per_tensor", "dynamic": False},
-    "dynamic per-token": {"granularity": "per_token", "dynamic": True},
-    "dynamic per-tensor": {"granularity": "per_tensor", "dynamic": True},
-    "weight-only": None,
-}
-
-
-def config(**fields) -> QuantizationConfig:
-    return QuantizationConfig.model_validate(fields)
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 40, bias=False))
-
-
-def calibrated(model: nn.Module, quantizer, data: torch.Tensor) -> nn.Module:
-    quantizer.prepare(model)
-    with torch.no_grad(), quantizer.calibrating(model):
-        model(data)
-    quantizer.freeze(model)
-    return model
-
-
-def check_int8_gives_the_fake_outputs(settings: QuantizationConfig) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-    """Checks each int8 layer against its fake one; returns the fake and int8 models and the inputs."""
-    data = torch.randn(3, 20, 48)
-    fake = calibrated(mlp(), FakeQuantizer(settings), data)
-    real = calibrated(mlp(), Int8Quantizer(settings), data)
-    assert all(isinstance(real[i], Int8Linear) for i in (0, 2))
-    # the same integers and scales as the fake backend's
-    for index in (0, 2):
-        assert real[index].weight.dtype == torch.int8
-        assert torch.equal(real[index].weight.float() * real[index].weight_scale, fake[index].weight)
-    probe = torch.randn(2, 33, 48) * 1.5  # beyond the calibrated range too: both clip alike
-    inputs = {}
-    hooks = [fake[i].register_forward_pre_hook(lambda _, args, i=i: inputs.setdefault(i, args[0])) for i in (0, 2)]
-    with torch.no_grad():
-        assert real(probe).shape == fake(probe).shape
-        # layer by layer, on the same inputs: a float-rounding difference in one layer's output
-        # can move an input of the next across a rounding boundary, one code step away
-        for index, layer_input in inputs.items():
-            expected, got = fake[index](layer_input), real[index](layer_input)
-            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
-    for hook in hooks:
-        hook.remove()
-    assert not torch.equal(fake(probe), mlp()(probe))  # and it is quantized at all
-    return fake, real, probe
-
-
-@pytest.mark.parametrize("activations", ACTIVATIONS.values(), ids=ACTIVATIONS.keys())
-@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
-def test_int8_gives_the_fake_outputs_within_float_rounding(activations, weights):
-    check_int8_gives_the_fake_outputs(config(weights={"granularity": weights}, activations=activations))
-
-
-class OperatorSpy(TorchDispatchMode):
-    """Records every operator that runs (without its overload), with the dtypes of its tensor arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, list[torch.dtype]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append((func.name().partition(".")[0], [a.dtype for a in args if isinstance(a, torch.Tensor)]))
-        return func(*args, **(kwargs or {}))
-
-    def of(self, kernel: kernels.Int8Kernel) -> list[list[torch.dtype]]:
-        """The argument dtypes of each call of `kernel`'s product operator."""
-        return [dtypes for name, dtypes in self.calls if name in kernel.ops]
-
-
-def test_the_product_runs_in_int8():
-    kernel = kernels.chosen(torch.device("cpu"), 8)
-    if kernel.name == "float":
-        pytest.skip(f"no int8 kernel is exact here: {kernels.describe()['probe']}")
-    model = calibrated(mlp(), Int8Quantizer(config()), torch.randn(8, 48))
-    with torch.no_grad(), OperatorSpy() as spy:
-        model(torch.randn(5, 48))
-    assert len(spy.of(kernel)) == 2  # one integer product per layer, on the kernel chosen here
-    if kernel.codes_dtype != torch.float32:  # fbgemm takes float codes and makes them uint8 itself
-        assert all(dtypes[0] == kernel.codes_dtype for dtypes in spy.of(kernel))
-
-
-@pytest.mark.parametrize("shape", [(1, 7, 5), (16, 8, 8), (17, 24, 9), (64, 96, 40)])
-def test_int8_matmul_is_exact_for_any_shape(shape):
-    verdict = kernels.measured(torch.device("cpu"), 8).probes["int-mm"]
-    if verdict != kernels.EXACT:
-        pytest.skip(f"torch._int_mm on this CPU: {verdict}")
-    rows, inner, columns = shape
-    a = torch.randint(-127, 128, (rows, inner), dtype=torch.int8)
-    b = torch.randint(-127, 128, (columns, inner), dtype=torch.int8).t()
-    assert torch.equal(int8_matmul(a, b), a.int() @ b.int())
-
-
-@pytest.mark.parametrize("bits", [8, 7])
-@pytest.mark.parametrize("kernel", INT8_KERNELS.names())
-def test_input_codes_are_functional_quantize(kernel, bits):
-    kernel = INT8_KERNELS.get(kernel)
-    x = torch.randn(64, 32) * 3
-    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 1000.0])  # ties round to even, out of range clips
-    scale = torch.tensor([[0.02]])
-    expected = quantize(x, scale, torch.zeros(()), bits, symmetric=True) + kernel.shift(bits)
-    codes = kernels.to_codes(x, scale, bits, kernel)
-    assert codes.dtype == kernel.codes_dtype and torch.equal(codes.float(), expected)
-
-
-@pytest.mark.parametrize(
-    "fields, field",
-    [
-        ({"weights": {"bits": 4}}, "quantization.weights.bits"),
-        ({"weights": {"symmetric": False}}, "quantization.weights.symmetric"),
-        ({"weights": {"granularity": "per_group", "group_size": 16}}, "quantization.weights.granularity"),
-        ({"weights": None}, "quantization.weights"),
-        ({"activations": {"bits": 6}}, "quantization.activations.bits"),
-        ({"activations": {"symmetric": False}}, "quantization.activations.symmetric"),
-    ],
-)
-def test_int8_refuses_what_it_cannot_run_when_constructed(fields, field):
-    with pytest.raises(UserError) as error:
-        Int8Quantizer(config(backend="int8", **fields))
-    message = str(error.value)
-    assert message.startswith(field + " ") and "\n" not in message and "backend fake" in message
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "clip"
-    save_model(build_tiny("hf-clip"), folder)
-    return folder
-
-
-def write_recipe(folder, quantization, export_format):
-    path = folder / "recipe.yaml"
-    path.write_text(quantsink.Recipe.from_dict(
-        {"name": "t", "calibration": CALIBRATION, "quantization": quantization, "export": {"format": export_format}}
-    ).to_yaml())
-    return path
-
-
-def holdout_inputs(adapter):
-    samples = load_samples("bundled", adapter.modality, CALIBRATION["num_samples"], CALIBRATION["holdout"], seed=0)
-    return adapter.preprocess(samples.calibration), adapter.preprocess(samples.holdout)
-
-
-def test_int8_export_is_a_quarter_of_fp32_and_loads_in_int8(tiny_clip, tmp_path):
-    recipe = write_recipe(tmp_path, {"backend": "fake"}, "int8")
-    in_memory = quantsink.quantize(str(tiny_clip), recipe, progress=False)  # fake backend
-    in_memory.save(tmp_path / "out")
-    loaded = load_adapter(tmp_path / "out")
-    layers = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
-    assert len(layers) == in_memory.report["quantized_modules"]
-    manifest = json.loads((tmp_path / "out" / "quantsink.json").read_text())
-    assert manifest["quantization"]["backend"] == "int8"
-
-    # every Linear weight is stored as int8; the rest (embeddings, norms, biases, scales) in float
-    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
-        stored = {key: f.get_tensor(key) for key in f.keys()}
-    fp32 = resolve(str(tiny_clip)).model
-    linear_weights = {f"{name}.weight" for name, m in fp32.named_modules() if isinstance(m, nn.Linear)}
-    assert all(stored[key].dtype == torch.int8 for key in linear_weights)
-    expected_bytes = sum(t.numel() * (1 if k in linear_weights else t.element_size()) for k, t in fp32.state_dict().items())
-    stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
-    scale_bytes = sum(t.numel() * 4 for k, t in stored.items() if k.endswith("_scale"))
-    assert stored_bytes == expected_bytes + scale_bytes
-
-    calibration, holdout = holdout_inputs(loaded)
-    for inputs in (calibration, holdout):
-        expected, got = in_memory.adapter.embed(inputs), loaded.embed(inputs)
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
-
-
-def test_int8_export_refuses_what_int8_cannot_hold(tiny_clip, tmp_path, capsys):
-    recipe = write_recipe(tmp_path, {"backend": "fake", "weights": {"bits": 4}}, "int8")
-    assert cli.main(["quantize", str(tiny_clip), str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 2
-    message = capsys.readouterr().err.strip()
-    assert message.startswith("quantsink: error: quantization.weights.bits is 4") and "\n" not in message
-    assert "export.format fake-quant" in message
-    assert not (tmp_path / "out").exists()
+from int8_helpers import calibrated, config, holdout_inputs, write_recipe
 
 
 def hf_class(folder):
@@ -242,6 +51,7 @@ def relative_error(got, expected):
     return ((got - expected).norm() / expected.norm()).item()
 
 
+@pytest.mark.slow
 def test_compressed_tensors_of_the_cli_loads_in_transformers(tiny_clip, tmp_path):
     recipe = write_recipe(tmp_path, {"backend": "int8"}, "compressed-tensors")
     out = tmp_path / "out"
@@ -258,6 +68,7 @@ def test_compressed_tensors_of_the_cli_loads_in_transformers(tiny_clip, tmp_path
         assert relative_error(hf(**holdout)[0], ours.model(**holdout)[0]) < 1e-2
 
 
+@pytest.mark.slow
 def test_compressed_tensors_of_a_dynamic_text_encoder(tmp_path):
     source = tmp_path / "source"
     save_model(build_tiny("hf-bert-text"), source)
@@ -276,6 +87,7 @@ def test_compressed_tensors_of_a_dynamic_text_encoder(tmp_path):
     assert torch.equal(load_adapter(out).embed(holdout), in_memory.adapter.embed(holdout))
 
 
+@pytest.mark.slow
 def test_compressed_tensors_asymmetric_groups_come_back_exactly(tiny_clip, tmp_path):
     quantization = {"backend": "fake", "weights": {"bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 16},
                     "activations": {"symmetric": False}}
@@ -306,6 +118,7 @@ WEIGHT_ONLY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, weights", WEIGHT_ONLY.values(), ids=WEIGHT_ONLY.keys())
 def test_compressed_tensors_weight_only_is_packed_and_loads_in_transformers(tiny_clip, tmp_path, backend, weights):
     from compressed_tensors.compressors import unpack_from_int32

@@ -19,7 +19,7 @@ from quantsink.recipe import Recipe
 from quantsink.testing.planted_llm import planted_llama_plan, planted_segments, save_planted_llama
 from quantsink.testing.tiny import build_tiny
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "planted-llama-kv2-kvsink.yaml"
+RECIPE = Path(__file__).parents[2] / "recipes" / "planted-llama-kv2-kvsink.yaml"
 SEGMENTS = 8  # held-out segments of 128 tokens
 
 
@@ -47,6 +47,7 @@ def with_kv(recipe: Recipe, **changes) -> Recipe:
     return Recipe.from_dict(data)
 
 
+@pytest.mark.slow
 def test_profile_finds_the_planted_emergence_layer_and_channels(result):
     plan = planted_llama_plan(result.model)
     profile = result.methods[0].profile
@@ -57,6 +58,7 @@ def test_profile_finds_the_planted_emergence_layer_and_channels(result):
     assert result.report["methods"]["kvsink"]["emergence_layer"] == plan.emergence_layer
 
 
+@pytest.mark.slow
 def test_prefill_prediction_finds_the_planted_sinks_beyond_the_first_token(result, heldout):
     plan = planted_llama_plan(result.model)
     cache = quantsink.kv_cache(result)
@@ -72,6 +74,7 @@ def test_prefill_prediction_finds_the_planted_sinks_beyond_the_first_token(resul
         assert 0 in predicted.tolist() and bool((predicted > 0).any())  # [BOS] and later delimiters
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_kvsink_5_beats_pfn_5_and_none(result, heldout, bits):
     perplexities = {}
@@ -89,6 +92,7 @@ def test_kvsink_5_beats_pfn_5_and_none(result, heldout, bits):
     assert perplexities["fp"] < perplexities["kvsink-5"], perplexities
 
 
+@pytest.mark.slow
 def test_left_padded_rows_get_what_they_get_alone(result):
     adapter = result.adapter
     prompts = ["Return the value.\nIf it is not found, the default is", "It is."]
@@ -102,6 +106,7 @@ def test_left_padded_rows_get_what_they_get_alone(result):
         assert torch.equal(together[row, padding:], alone[0]), row
 
 
+@pytest.mark.slow
 def test_cli_quantizes_reloads_and_evaluates(folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["quantize", str(folder), str(RECIPE), "-o", str(out), "--quiet"]) == 0
@@ -123,6 +128,7 @@ def test_cli_quantizes_reloads_and_evaluates(folder, tmp_path, capsys):
     assert evaluation["kl_mean"] > 0 and evaluation["compression"] > 2
 
 
+@pytest.mark.slow
 def test_eval_on_a_text_file(result, tmp_path):
     out = tmp_path / "out"
     result.save(out)
@@ -143,6 +149,7 @@ def run_cli(*argv) -> tuple[int, str]:
     return code, stderr.getvalue()
 
 
+@pytest.mark.slow
 def test_bits_the_backend_lacks_are_refused(folder, tmp_path):
     recipe = tmp_path / "five.yaml"
     recipe.write_text(RECIPE.read_text().replace("bits: 2", "bits: 5"))
@@ -167,6 +174,7 @@ def test_an_llm_family_without_an_adapter_is_refused(tmp_path):
     assert code == 2 and "model_type 'bloom'" in error and "llama" in error and error.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value, message", [
     ("emergence_layer", 99, "names decoder block 99, but the model has 6"),
     ("channels", [4096], "names channel 4096, but the model's hidden size is 256"),
@@ -200,6 +208,7 @@ def test_kv_cache_of_a_model_without_a_kv_recipe_is_refused():
         quantsink.kv_cache(build_tiny_causal_lm("llama").model)
 
 
+@pytest.mark.slow
 def test_fp_reference_matches_the_default_cache(result, heldout):
     comparison = compare_kv_caches(result.model, heldout[:2], DynamicCache(), chunk_size=16)
     assert comparison.kl_mean == 0 and math.isclose(comparison.perplexity_reference, comparison.perplexity_quantized)
