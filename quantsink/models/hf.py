@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import sys
@@ -83,9 +84,13 @@ def _edited_attention(kernel: str):
     return attention
 
 
-for _kernel in EDITABLE_KERNELS:
-    AttentionInterface.register(EDITED_KERNEL + _kernel, _edited_attention(_kernel))
-    AttentionMaskInterface.register(EDITED_KERNEL + _kernel, ALL_MASK_ATTENTION_FUNCTIONS[_kernel])
+@functools.cache
+def _register_edited_kernels() -> None:
+    """Add quantsink's kernels to transformers' registries, once, when a model first needs them:
+    importing quantsink writes nothing into a third-party global."""
+    for kernel in EDITABLE_KERNELS:
+        AttentionInterface.register(EDITED_KERNEL + kernel, _edited_attention(kernel))
+        AttentionMaskInterface.register(EDITED_KERNEL + kernel, ALL_MASK_ATTENTION_FUNCTIONS[kernel])
 
 
 class HFAdapter(Adapter):
@@ -252,6 +257,7 @@ class HFImageAdapter(HFAdapter, EditableEncoderAdapter):
                     f"{self.source.spec} runs attention with {kernel!r}: quantsink edits attention only under "
                     f"{' or '.join(EDITABLE_KERNELS)}; load the model with attn_implementation='sdpa'"
                 )
+            _register_edited_kernels()
             self.model.set_attn_implementation(EDITED_KERNEL + kernel)
         return self.attention(block_index)
 

@@ -219,3 +219,13 @@ def test_regcache_installed_twice_replaces_and_comes_off_exactly():
     assert len(adapter.blocks()[1]._forward_pre_hooks) == 1  # one deletion, not two
     regcache.remove()
     assert torch.equal(adapter.embed(inputs), expected) and not installed(adapter.model)
+
+
+def test_importing_quantsink_writes_nothing_into_transformers_registries():
+    import subprocess
+    import sys
+
+    code = ("import quantsink.models.hf, quantsink.pipeline; "
+            "from transformers import AttentionInterface; "
+            "assert not [k for k in AttentionInterface._global_mapping if k.startswith('quantsink')]")
+    subprocess.run([sys.executable, "-c", code], check=True)
