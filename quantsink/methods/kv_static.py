@@ -101,11 +101,10 @@ class KVStatic(Method):
         super().__init__(options)
         self.key_scales: torch.Tensor | None = None  # (blocks, groups)
         self.value_scales: torch.Tensor | None = None
-        self.handles: HandleSet | None = None  # what install put on the model
 
     def apply(self, context: MethodContext) -> dict[str, Any]:
         self.key_scales, self.value_scales = calibrate(context.adapter, context.calibration_batches, self.options, context.progress)
-        self.handles = install(context.adapter, self.key_scales, self.value_scales, self.options.bits)
+        install(context.adapter, self.key_scales, self.value_scales, self.options.bits)
         largest = qrange(self.options.bits, symmetric=True)[1]
         return {
             "scheme": self.options.describe(),
@@ -134,7 +133,7 @@ class KVStatic(Method):
                     "the folder belongs to another model, quantize this one again"
                 )
         method.key_scales, method.value_scales = tensors["key_scales"], tensors["value_scales"]
-        method.handles = install(adapter, method.key_scales, method.value_scales, method.options.bits)
+        install(adapter, method.key_scales, method.value_scales, method.options.bits)
         return method
 
     def compressed_tensors_kv_cache(self, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
