@@ -107,6 +107,23 @@ def run_quantize(args: argparse.Namespace) -> None:
     print(format_summary(result.report, output))
 
 
+def format_regcache_lines(regcache: dict) -> list[str]:
+    validation = regcache["validation"]
+    cost = regcache["cost"]
+    passes = f"{cost['calibration_passes']:.1f} calibration passes" if "calibration_passes" in cost else f"{cost['seconds']:.1f} s"
+    chosen = (f"regcache   {regcache['variant']}: l_q {regcache['sensitive_layer']}, prefix from block {regcache['prefix_start']} "
+              f"(tau {regcache['num_registers']}, {regcache['prefix_blocks']}), delete {regcache['delete_tokens']}; cost {passes}")
+    if validation is None:
+        return [chosen + " (every field set by the recipe)"]
+    variants = ", ".join(f"{variant} {validation[variant]['centered_cosine_mean']:.4f}"
+                         for variant in ("naive", "prefix-only", "delete-only", "both") if variant in validation)
+    return [
+        chosen,
+        f"           validation centred cosine ({validation['images']} images): {variants}; "
+        f"chosen {validation['chosen']['centered_cosine_mean']:.4f}",
+    ]
+
+
 def format_summary(report: dict, output: Path) -> str:
     calibration = report["calibration"]
     lines = [f"model      {report['model']} ({report['family']}), recipe {report['recipe']}"]
@@ -116,8 +133,9 @@ def format_summary(report: dict, output: Path) -> str:
         lines += [
             f"data       {calibration['data']}; calibration pass {calibration['seconds']:.1f} s",
             f"quantized  {report['quantized_modules']} modules",
-            f"fidelity   cosine mean {fidelity['cosine_mean']:.4f}, min {fidelity['cosine_min']:.4f}, "
-            f"relative L2 {fidelity['relative_l2']:.4f} on {fidelity['samples']} holdout samples",
+            f"fidelity   cosine mean {fidelity['cosine_mean']:.4f}, min {fidelity['cosine_min']:.4f}, centred cosine "
+            f"{fidelity['centered_cosine_mean']:.4f}, relative L2 {fidelity['relative_l2']:.4f}, rank agreement "
+            f"{fidelity['rank_agreement']:.3f} on {fidelity['samples']} holdout samples",
             f"outliers   largest max/median token norm {worst['max_over_median']:.1f}x at {worst['block']}",
         ]
         for kernel in report.get("int8_kernels", []):
@@ -126,6 +144,8 @@ def format_summary(report: dict, output: Path) -> str:
             lines.append(f"kernel     int8 matmuls on {kernel['kernel']} ({kernel['device']}{measured})")
     else:
         lines.append(f"data       {calibration['data']}")
+    if "regcache" in report["methods"]:
+        lines += format_regcache_lines(report["methods"]["regcache"])
     if "kvsink" in report["methods"]:
         profile = report["methods"]["kvsink"]
         lines.append(

@@ -18,15 +18,50 @@ from quantsink.models.base import Adapter
 from quantsink.models.causal_lm import cache_keyword
 
 
-def fidelity(reference: torch.Tensor, quantized: torch.Tensor) -> dict[str, float]:
-    """Cosine similarity of each row (mean and worst) and the relative L2 error of the whole
-    embedding matrix, ||quantized - reference|| / ||reference||."""
+RANK_NEIGHBOURS = 5  # rank agreement: each row's nearest neighbours compared, FP vs quantized
+
+
+def centered_cosine(reference: torch.Tensor, quantized: torch.Tensor, center: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per row, the cosine similarity after subtracting `center` (by default the reference's mean
+    row) from both. Encoder embeddings share a large common component, so plain cosine stays near
+    1 whatever quantization does; centred, it measures what tells inputs apart."""
     reference, quantized = reference.double(), quantized.double()
-    cosine = F.cosine_similarity(reference, quantized, dim=-1)
+    center = reference.mean(dim=0) if center is None else center.double()
+    return F.cosine_similarity(reference - center, quantized - center, dim=-1)
+
+
+def rank_agreement(reference: torch.Tensor, quantized: torch.Tensor, neighbours: int = RANK_NEIGHBOURS) -> float:
+    """The mean share of each row's `neighbours` nearest other rows (by cosine) that are the same
+    in full precision and quantized: label-free retrieval fidelity, 1.0 when nothing moved."""
+    rows = reference.shape[0]
+    if rows < 2:
+        return 1.0
+    neighbours = min(neighbours, rows - 1)
+
+    def nearest(embeddings: torch.Tensor) -> torch.Tensor:
+        unit = F.normalize(embeddings.double(), dim=-1)
+        similarity = unit @ unit.T
+        similarity.fill_diagonal_(-math.inf)
+        return similarity.topk(neighbours, dim=-1).indices
+
+    exact, approximate = nearest(reference), nearest(quantized)
+    shared = (exact[:, :, None] == approximate[:, None, :]).any(dim=-1).sum(dim=-1)
+    return (shared.double() / neighbours).mean().item()
+
+
+def fidelity(reference: torch.Tensor, quantized: torch.Tensor) -> dict[str, float]:
+    """How far `quantized` embeddings are from `reference` (same inputs, one row each): cosine
+    (mean and worst), centred cosine (mean and worst; see `centered_cosine`), the relative L2
+    error of the whole matrix ||quantized - reference|| / ||reference||, and rank agreement."""
+    cosine = F.cosine_similarity(reference.double(), quantized.double(), dim=-1)
+    centered = centered_cosine(reference, quantized)
     return {
         "cosine_mean": cosine.mean().item(),
         "cosine_min": cosine.min().item(),
-        "relative_l2": ((quantized - reference).norm() / reference.norm().clamp_min(1e-12)).item(),
+        "centered_cosine_mean": centered.mean().item(),
+        "centered_cosine_min": centered.min().item(),
+        "relative_l2": ((quantized.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-12)).item(),
+        "rank_agreement": rank_agreement(reference, quantized),
         "samples": reference.shape[0],
     }
 

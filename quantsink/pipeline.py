@@ -196,6 +196,9 @@ def run(spec: str | nn.Module, recipe: Recipe, progress: bool = True) -> tuple[A
         quantizer = make_quantizer()
         calibration = calibrate(adapter, quantizer, splits.calibration, progress)
         report["calibration"]["seconds"] = calibration.seconds
+        for entry in report["methods"].values():
+            if "cost" in entry:  # a method's measured cost, in units of this calibration pass
+                entry["cost"]["calibration_passes"] = entry["cost"]["seconds"] / calibration.seconds
         report.update(quantize(adapter, quantizer, calibration))
         stats = calibration.stats
     if reference is not None:

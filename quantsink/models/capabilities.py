@@ -27,7 +27,10 @@ class EditableEncoder(Protocol):
 
     A key/value prefix per block, observers of each block's keys and values, deletion of tokens
     at a block's input, and runs that start at a block on cached hidden states
-    (quantsink.models.editable implements them for every image family)."""
+    (quantsink.models.editable implements them for every image family), and where the family
+    puts a register prefix by default (`register_prefix_blocks`: "to_last" or "sensitive_only")."""
+
+    register_prefix_blocks: str
 
     def set_kv_prefix(self, block_index: int, prefix: KVPrefix | None) -> None: ...
 

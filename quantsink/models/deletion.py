@@ -6,20 +6,22 @@ is the small public `DeletionHost` protocol, which `EditableEncoderAdapter` impl
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from quantsink.errors import UserError
 from quantsink.models.base import hidden_states_of
-from quantsink.models.probe import Tally
+from quantsink.models.probe import NotRunError, Tally
 
 
 class DeletionHost(Protocol):
     """What a token deletion needs of the adapter of the model it edits."""
 
+    family: str
     num_prefix_tokens: int
     num_blocks: int
 
@@ -37,9 +39,10 @@ class DeletionHost(Protocol):
         """Hooks that keep per-token state beyond the blocks (a pooling head's mask) in step with
         `deletion`."""
 
-    def patch_grids(self, deletion: "TokenDeletion") -> list[tuple[int, int]]:
-        """(rows, columns) of the patch grid of each sequence of the current batch, patches
-        following the leading special tokens in row-major order."""
+    def watch_patch_grids(self, record: Callable[[list[tuple[int, int]]], None]) -> list[RemovableHandle]:
+        """Hooks that, in every forward and before the first block runs, call `record` with the
+        (rows, columns) patch grid of each image of the batch, its patches following the leading
+        special tokens in row-major order (padding, if any, after them)."""
 
 
 def take_tokens(x: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
@@ -70,11 +73,20 @@ def key_padding(mask: torch.Tensor, batch: int) -> torch.Tensor:
 class TokenDeletion:
     """Per sequence, the `count` tokens of largest l_inf norm are deleted at the input of block
     `block_index` (never the leading special tokens, never padding): from that block on the
-    sequence is shorter, and the masks that travel beside it are re-indexed to match.
-    `refill="neighbours"` gives the last block's output its full length back, each deleted
-    patch replaced by the mean of its kept neighbours in the patch grid (for dense outputs).
-    `remove()` undoes it. Resuming a forward after the deletion block reuses the positions of
-    the previous forward."""
+    blocks compute on the shorter sequence, and the masks that travel beside it are re-indexed
+    to match. `remove()` undoes it. Resuming a forward after the deletion block reuses the
+    positions of the previous forward.
+
+    What a block's output holds from `block_index` on, and so every hidden state the model
+    returns (`output_hidden_states`, intermediate features, the last hidden state):
+    - `refill="none"`: the kept tokens only, in their order (`kept`), `count` fewer than the input.
+    - `refill="neighbours"`: the full sequence. Kept positions hold exactly what the blocks
+      computed (what `refill="none"` gives), and each deleted patch the mean of its kept
+      neighbours (8-connected) in its image's own patch grid, or of all the image's kept patches
+      when none of its neighbours is kept. Padding is never deleted, refilled or averaged. The
+      next block takes the kept tokens again, so the computation is that of `refill="none"`.
+    With the deletion at block 0, transformers records `hidden_states[0]` from block 0's input,
+    which is then the shortened sequence."""
 
     REFILLS = ("none", "neighbours")
 
@@ -85,16 +97,29 @@ class TokenDeletion:
             raise ValueError(f"cannot delete {count} tokens")
         self.adapter, self.block_index, self.count, self.refill = adapter, block_index, count, refill
         self.kept: torch.Tensor | None = None  # (batch, kept) positions kept in the last forward
+        self.deleted: torch.Tensor | None = None  # (batch, count) positions deleted in the last forward
         self.length = 0  # sequence length before the deletion, in the last forward
         self.batch = 0
-        self.grids: list[tuple[int, int]] = []  # patch grid per sequence, for families whose grids vary
-        self.tally = Tally(f"the token deletion at block {block_index}")
+        self.grids: list[tuple[int, int]] | None = None  # patch grid per image, seen in this forward
+        self._neighbours: torch.Tensor | None = None  # (batch, count, length) refill weights
+        self._unrefilled: set[int] | None = None  # blocks of this forward whose output awaits its refill
         blocks = adapter.blocks()
+        last = len(blocks) - 1
+        refilled = f" and its refill of blocks {block_index}-{last}" if refill == "neighbours" else ""
+        self.tally = Tally(f"the token deletion at block {block_index}{refilled}")
         handles = [blocks[block_index].register_forward_pre_hook(self._delete, with_kwargs=True)]
-        handles += [block.register_forward_pre_hook(self._follow, with_kwargs=True) for block in blocks[block_index + 1 :]]
+        # first, so that whatever watches a block's input sees what the block computes on
+        handles += [
+            block.register_forward_pre_hook(self._follow, with_kwargs=True, prepend=True)
+            for block in blocks[block_index + 1 :]
+        ]
         if refill == "neighbours":
-            # first, so that whatever else watches the last block sees the refilled sequence
-            handles.append(blocks[-1].register_forward_hook(self._refill, prepend=True))
+            # first, so that whatever else watches a block's output sees the refilled sequence
+            handles += [
+                block.register_forward_hook(functools.partial(self._refill, index), prepend=True)
+                for index, block in enumerate(blocks[block_index:], start=block_index)
+            ]
+            handles += adapter.watch_patch_grids(self._note_grids)
         handles += adapter.follow_deletion(self)
         self._undo = [handle.remove for handle in handles]
 
@@ -109,57 +134,99 @@ class TokenDeletion:
     def tokens_at_output(self, block_index: int, per_token: torch.Tensor) -> torch.Tensor:
         """`per_token` (batch, tokens entering the deletion, ...) for the tokens of block
         `block_index`'s output in the last forward."""
-        refilled = self.refill == "neighbours" and block_index == self.adapter.num_blocks - 1
-        if block_index < self.block_index or refilled:
+        if block_index < self.block_index or self.refill == "neighbours":
             return per_token
         return take_tokens(per_token, self.kept, 1)
+
+    def _note_grids(self, grids: list[tuple[int, int]]) -> None:
+        self.grids = grids
 
     def _delete(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         hidden = args[0]
         mask = self.adapter.call_mask(args, kwargs)
         self.batch, self.length = hidden.shape[:2]
-        deletable = torch.ones(self.batch, self.length, dtype=torch.bool, device=hidden.device)
-        deletable[:, : self.adapter.num_prefix_tokens] = False
+        padding = torch.zeros(self.batch, self.length, dtype=torch.bool, device=hidden.device)
         if mask is not None:
-            deletable &= ~key_padding(mask, self.batch)
+            padding = key_padding(mask, self.batch)
+        deletable = ~padding
+        deletable[:, : self.adapter.num_prefix_tokens] = False
         count = min(self.count, int(deletable.sum(dim=-1).min()))
-        self.tally.ran()
         norms = hidden.abs().amax(dim=-1).masked_fill(~deletable, float("-inf"))
         keep = torch.ones_like(deletable).scatter_(1, norms.topk(count, dim=-1).indices, False)
         self.kept = keep.nonzero()[:, 1].view(self.batch, self.length - count)
+        self.deleted = (~keep).nonzero()[:, 1].view(self.batch, count)
+        if self.refill == "neighbours":
+            self._neighbours = self._neighbour_weights(keep, padding, hidden.dtype)
+            self._unrefilled = set(range(self.block_index, self.adapter.num_blocks))
+        else:
+            self.tally.ran()
         return self.adapter.with_call(
             args, kwargs, take_tokens(hidden, self.kept, 1), None if mask is None else take_mask(mask, self.kept)
         )
 
     def _follow(self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-        mask = self.adapter.call_mask(args, kwargs)
-        if mask is None or mask.shape[-1] == args[0].shape[1]:
+        hidden, mask = args[0], self.adapter.call_mask(args, kwargs)
+        refilled = hidden.shape[1] == self.length and self.kept.shape[1] != self.length
+        if refilled:  # the previous block's refilled output: the blocks compute on the kept tokens
+            hidden = take_tokens(hidden, self.kept, 1)
+        if mask is not None and mask.shape[-1] != hidden.shape[1]:
+            mask = take_mask(mask, self.kept)
+        elif not refilled:
             return None
-        return self.adapter.with_call(args, kwargs, args[0], take_mask(mask, self.kept))
+        return self.adapter.with_call(args, kwargs, hidden, mask)
 
-    def _refill(self, _module: nn.Module, _args: tuple, output: Any) -> Any:
+    def _refill(self, block_index: int, _module: nn.Module, _args: tuple, output: Any) -> Any:
         hidden = hidden_states_of(output)
-        if hidden.shape[1] == self.length:
+        full = hidden
+        if hidden.shape[1] != self.length:
+            width = hidden.shape[-1]
+            full = hidden.new_zeros(self.batch, self.length, width)
+            full.scatter_(1, self.kept[..., None].expand(-1, -1, width), hidden)
+            means = torch.bmm(self._neighbours.to(hidden.dtype), full)
+            full.scatter_(1, self.deleted[..., None].expand(-1, -1, width), means)
+        if self._unrefilled is not None:
+            self._unrefilled.discard(block_index)
+            if block_index == self.adapter.num_blocks - 1:
+                if not self._unrefilled:
+                    self.tally.ran()
+                self._unrefilled = None
+        if full is hidden:
             return None
-        full = self._neighbour_refill(hidden)
         return full if isinstance(output, torch.Tensor) else (full, *output[1:])
 
-    def _neighbour_refill(self, hidden: torch.Tensor) -> torch.Tensor:
-        width = hidden.shape[-1]
-        full = hidden.new_zeros(self.batch, self.length, width)
-        full.scatter_(1, self.kept[..., None].expand(-1, -1, width), hidden)
-        present = torch.zeros(self.batch, self.length, dtype=hidden.dtype, device=hidden.device).scatter_(1, self.kept, 1.0)
-        start = self.adapter.num_prefix_tokens
-        ring = torch.ones(1, 1, 3, 3, dtype=hidden.dtype, device=hidden.device)
-        ring[..., 1, 1] = 0
-        for image, (rows, columns) in enumerate(self.adapter.patch_grids(self)):
-            patches = slice(start, start + rows * columns)
-            here = present[image, patches].view(1, 1, rows, columns)
-            grid = full[image, patches].T.reshape(1, width, rows, columns)
-            sums = F.conv2d(grid, ring.expand(width, 1, 3, 3), padding=1, groups=width)
-            counts = F.conv2d(here, ring, padding=1)
-            fallback = grid.sum(dim=(2, 3), keepdim=True) / here.sum().clamp(min=1)
-            means = torch.where(counts > 0, sums / counts.clamp(min=1), fallback)
-            filled = torch.where(here > 0, grid, means)
-            full[image, patches] = filled.reshape(width, -1).T
-        return full
+    def _neighbour_weights(self, keep: torch.Tensor, padding: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, count, length): row i of image b averages the tokens whose mean refills
+        `deleted[b, i]` (its kept grid neighbours, else all the image's kept patches)."""
+        grids, self.grids = self.grids, None  # each forward must show its own grids
+        start, device = self.adapter.num_prefix_tokens, keep.device
+        if grids is None or len(grids) != self.batch:
+            seen = "no patch grid for this batch" if grids is None else f"patch grids for {len(grids)} of {self.batch} images"
+            raise NotRunError(
+                f"the token deletion at block {self.block_index} of {self.adapter.family} saw {seen}: "
+                "refill: neighbours cannot tell which patches neighbour which; use refill: none or report it"
+            )
+        rows, columns = (torch.tensor(side, device=device) for side in zip(*grids))
+        positions = torch.arange(self.length, device=device)
+        patches = (positions >= start) & (positions < start + (rows * columns)[:, None])
+        real = ~padding
+        real[:, :start] = False
+        mismatched = (patches != real).any(dim=-1).nonzero()
+        if len(mismatched):
+            image = int(mismatched[0])
+            (grid_rows, grid_columns), patch_tokens = grids[image], int(real[image].sum())
+            raise UserError(
+                f"refill: neighbours cannot refill {self.adapter.family}: image {image} has {patch_tokens} patch "
+                f"tokens after its {start} leading ones, but its patch grid is {grid_rows}x{grid_columns}; use refill: none"
+            )
+        offsets = torch.tensor([(r, c) for r in (-1, 0, 1) for c in (-1, 0, 1) if r or c], device=device)
+        wide = columns[:, None, None]
+        row = (self.deleted - start)[..., None] // wide + offsets[:, 0]
+        column = (self.deleted - start)[..., None] % wide + offsets[:, 1]
+        inside = (row >= 0) & (row < rows[:, None, None]) & (column >= 0) & (column < wide)
+        neighbour = torch.where(inside, start + row * wide + column, 0)
+        kept_neighbour = inside & keep.gather(1, neighbour.flatten(1)).view(neighbour.shape)
+        weights = torch.zeros(*self.deleted.shape, self.length, dtype=dtype, device=device)
+        weights.scatter_add_(2, neighbour, kept_neighbour.to(dtype))
+        lonely = weights.sum(dim=-1, keepdim=True) == 0
+        weights = torch.where(lonely, (patches & keep).to(dtype)[:, None, :], weights)
+        return weights / weights.sum(dim=-1, keepdim=True).clamp(min=1)

@@ -10,7 +10,6 @@ RegCache needs. A family only makes its attention run through `attend`
 from __future__ import annotations
 
 import contextlib
-import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -42,6 +41,10 @@ class _Skipped(nn.Module):
 
 class EditableEncoderAdapter(Adapter):
     """An Adapter whose sequence quantsink can edit: an `EditableEncoder` and a `DeletionHost`."""
+
+    # Where RegCache's register prefix goes by default (regcache.options.PREFIX_BLOCKS): every
+    # block from its start on, as the paper does for CLIP, OpenCLIP and SigLIP.
+    register_prefix_blocks = "to_last"
 
     def __init__(self, model: nn.Module, source: ModelSource):
         super().__init__(model, source)
@@ -90,7 +93,9 @@ class EditableEncoderAdapter(Adapter):
         """The residual stream entering block `block_index` for `inputs`, before any edit of that
         block (`num_blocks`: the stream leaving the last block). With `resume=(start, hidden)` the
         blocks before `start` are not run: `hidden` (what this method gave for `start`) enters
-        block `start` instead. Nothing after the wanted point runs."""
+        block `start` instead. Nothing after the wanted point runs. With a token deletion in force
+        before `block_index` that refills (`refill: neighbours`), the stream has its full length:
+        the block takes the kept tokens from it, and so does a resumed forward."""
         blocks = self.blocks()
 
         def stop(_module: nn.Module, args: tuple, output: Any = None) -> None:
@@ -152,14 +157,24 @@ class EditableEncoderAdapter(Adapter):
     def follow_deletion(self, deletion: TokenDeletion) -> list[RemovableHandle]:
         return []
 
-    def patch_grids(self, deletion: TokenDeletion) -> list[tuple[int, int]]:
-        patches = deletion.length - self.num_prefix_tokens
-        side = math.isqrt(patches)
-        if side * side != patches:
-            raise UserError(
-                f"refill: neighbours needs a square patch grid, but {self.family} has {patches} patch tokens: use refill: none"
-            )
-        return [(side, side)] * deletion.batch
+    def watch_patch_grids(self, record: Callable[[list[tuple[int, int]]], None]) -> list[RemovableHandle]:
+        """The patch grid is the spatial shape of the patch embedding's output, whatever the image size."""
+        family = self.family
+
+        def note(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            if output.dim() != 4:
+                raise UserError(
+                    f"the patch embedding of {family} gave a {tuple(output.shape)} output, not (batch, channels, rows, "
+                    "columns): refill: neighbours cannot find the patch grid; use refill: none"
+                )
+            record([tuple(output.shape[-2:])] * output.shape[0])
+
+        return [self.patch_embedding().register_forward_hook(note)]
+
+    @abstractmethod
+    def patch_embedding(self) -> nn.Module:
+        """The module that cuts images into patches: for a convolution, its (batch, channels, rows,
+        columns) output is the patch grid."""
 
 
 def _bound_observer(observer: Callable[[int, torch.Tensor, torch.Tensor], None], index: int):

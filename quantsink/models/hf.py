@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -195,9 +195,11 @@ class HFAdapter(Adapter):
         return next((name for name, module in self.model.named_modules() if module is projection), None)
 
     # --- structure ----------------------------------------------------------------------
+    def _tower(self) -> nn.Module:
+        return getattr(self.model, "vision_model", self.model)  # *WithProjection classes wrap the tower
+
     def _layers(self) -> nn.ModuleList:
-        tower = getattr(self.model, "vision_model", self.model)  # *WithProjection classes wrap the tower
-        return getattr(tower.encoder, self.layers_attr)
+        return getattr(self._tower().encoder, self.layers_attr)
 
     def blocks(self) -> list[nn.Module]:
         return list(self._layers())
@@ -248,6 +250,8 @@ class HFImageAdapter(HFAdapter, EditableEncoderAdapter):
     """A transformers image encoder, whose sequence quantsink can edit through transformers'
     attention-function registry."""
 
+    patch_embedding_path: ClassVar[str] = "embeddings.patch_embedding"
+
     # --- sequence edits ------------------------------------------------------------------
     def _editable_attention(self, block_index: int) -> nn.Module:
         kernel = self.model.config._attn_implementation
@@ -260,6 +264,9 @@ class HFImageAdapter(HFAdapter, EditableEncoderAdapter):
             _register_edited_kernels()
             self.model.set_attn_implementation(EDITED_KERNEL + kernel)
         return self.attention(block_index)
+
+    def patch_embedding(self) -> nn.Module:
+        return self._tower().get_submodule(self.patch_embedding_path)
 
     def call_mask(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
         return args[1] if len(args) > 1 else kwargs.get("attention_mask")
@@ -329,8 +336,7 @@ class HFSiglip2Adapter(HFImageAdapter):
         return Siglip2ImageProcessor(patch_size=config.patch_size, max_num_patches=config.num_patches)
 
     def follow_deletion(self, deletion: TokenDeletion) -> list[torch.utils.hooks.RemovableHandle]:
-        """The pooling head takes the pixel attention mask of the full sequence, and a NaFlex
-        patch grid is each image's own `spatial_shapes`."""
+        """The pooling head takes the pixel attention mask of the full sequence."""
 
         def pool_kept(_module: nn.Module, args: tuple, kwargs: dict[str, Any]):
             hidden, mask = args[0], args[1] if len(args) > 1 else kwargs.get("attention_mask")
@@ -338,27 +344,27 @@ class HFSiglip2Adapter(HFImageAdapter):
                 return None
             return (hidden, take_tokens(mask, deletion.kept, 1), *args[2:]), {}
 
-        def note_grids(_module: nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
-            deletion.grids = [tuple(shape) for shape in kwargs["spatial_shapes"].tolist()]
+        return [self.model.head.register_forward_pre_hook(pool_kept, with_kwargs=True)] if self.model.use_head else []
 
-        handles = []
-        if deletion.refill == "neighbours":
-            handles.append(self.model.register_forward_pre_hook(note_grids, with_kwargs=True))
-        if self.model.use_head:
-            handles.append(self.model.head.register_forward_pre_hook(pool_kept, with_kwargs=True))
-        return handles
+    def watch_patch_grids(self, record: Callable[[list[tuple[int, int]]], None]) -> list[torch.utils.hooks.RemovableHandle]:
+        """A NaFlex patch grid is each image's own `spatial_shapes`, its padding after it."""
 
-    def patch_grids(self, deletion: TokenDeletion) -> list[tuple[int, int]]:
-        return deletion.grids
+        def note(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            shapes = args[1] if len(args) > 1 else kwargs["spatial_shapes"]
+            record([tuple(shape) for shape in shapes.tolist()])
+
+        return [self._tower().embeddings.register_forward_pre_hook(note, with_kwargs=True)]
 
 
 @register_adapter
 class HFDinov2Adapter(HFImageAdapter):
     family = "hf-dinov2"
+    register_prefix_blocks = "sensitive_only"  # RegCache prefixes DINOv2 only at l_q (the paper's setting)
     model_types = ("dinov2", "dinov2_with_registers")
     model_classes = (Dinov2Model, Dinov2WithRegistersModel)
     layers_attr = "layer"
     attention_path = "attention"
+    patch_embedding_path = "embeddings.patch_embeddings.projection"
 
     @classmethod
     def default_processor(cls, config: PretrainedConfig) -> Any:

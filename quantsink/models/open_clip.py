@@ -212,6 +212,9 @@ class OpenCLIPAdapter(EditableEncoderAdapter):
     def num_prefix_tokens(self) -> int:
         return 1  # the class token, present whatever the pooling
 
+    def patch_embedding(self) -> nn.Module:
+        return self.model.conv1
+
     def _editable_attention(self, block_index: int) -> SplitMultiheadAttention:
         if not self.model.transformer.batch_first:
             raise UserError("quantsink edits the attention of batch-first open_clip towers only")

@@ -135,6 +135,9 @@ class TimmViTAdapter(EditableEncoderAdapter):
     def num_prefix_tokens(self) -> int:
         return self.model.num_prefix_tokens  # class token + registers
 
+    def patch_embedding(self) -> nn.Module:
+        return self.model.patch_embed.proj
+
     def _editable_attention(self, block_index: int) -> EditableAttention:
         attention = self.attention(block_index)
         if type(attention) is Attention:

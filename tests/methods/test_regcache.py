@@ -1,6 +1,5 @@
 """RegCache: the adapter-level sequence edits on every vision family, and the method on the
 planted-sink CLIP fixture, end to end through the CLI."""
-import dataclasses
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
 from quantsink.evaluate import embed_batches, fidelity
 from quantsink.exports.folder import load_adapter
-from quantsink.methods.regcache import install
+from quantsink.methods.regcache import RegCacheSettings, install
 from quantsink.models import resolve, save_model
 from quantsink.models.attention import EDITS_ATTRIBUTE, AttentionEdits, KVPrefix, attend, sdpa_with_logsumexp
 from quantsink.models.base import hidden_states_of
@@ -238,9 +237,8 @@ def test_statistics_follow_a_token_deletion_past_siglip2_padding(refill, images)
     with collector.attached():
         collector.run(inputs)
     stats = collector.result()
-    last = adapter.num_blocks - 1
     for block in range(adapter.num_blocks):
-        shortened = 1 <= block and not (refill == "neighbours" and block == last)
+        shortened = 1 <= block and refill == "none"
         kept = take_tokens(real, deletion.kept, 1) if shortened else real
         assert [len(norms) for norms in stats.token_linf[block]] == [15 - 3 * shortened] * len(images)
         for norms, hidden, keep in zip(stats.token_linf[block], outputs[block], kept):
@@ -251,7 +249,9 @@ def test_statistics_follow_a_token_deletion_past_siglip2_padding(refill, images)
 
 def test_options_are_validated_with_their_field():
     for options, message in [
-        ({"num_registers": 0}, r"methods\.0\.regcache\.num_registers: expected 'auto' or an integer 1-15, got 0"),
+        ({"num_registers": 16}, r"methods\.0\.regcache\.num_registers: expected 'auto' or an integer 0-15, got 16"),
+        ({"prefix_blocks": "first"}, r"methods\.0\.regcache\.prefix_blocks: "),
+        ({"validation_fraction": 1.0}, r"methods\.0\.regcache\.validation_fraction: "),
         ({"delete_tokens": 11}, r"methods\.0\.regcache\.delete_tokens: expected 'auto' or an integer 0-10"),
         ({"refill": "both"}, r"methods\.0\.regcache\.refill: "),
         ({"prefix_start": "early"}, r"methods\.0\.regcache\.prefix_start: expected 'auto' or an integer >= 0"),
@@ -326,16 +326,26 @@ def test_cli_search_reloads_exactly_and_reports_its_cost(planted):
 
 
 @pytest.mark.slow
-def test_both_parts_beat_naive_and_either_part_alone_at_w8a8(planted):
+def test_cli_report_gives_every_variant_on_the_validation_split(planted):
+    report = planted["result"].report["methods"]["regcache"]
+    validation = report["validation"]
+    for variant in ("naive", "prefix-only", "delete-only", "both"):
+        assert RegCacheSettings(**validation[variant]["settings"]).variant == variant
+    printed = cli.format_summary(planted["result"].report, planted["out"])
+    assert "validation centred cosine (16 images): naive" in printed and "chosen" in printed
+
+
+@pytest.mark.slow
+def test_both_parts_beat_naive_and_either_part_alone_each_tuned_on_its_own_at_w8a8(planted):
+    """Only deletion can stop this fixture's sinks (they are planted in block 0), yet the pair wins:
+    the registers give the later heads the sink the deletion took away."""
+    validation = planted["result"].report["methods"]["regcache"]["validation"]
     settings = planted["result"].methods[0].settings
-    assert settings.delete_tokens > 0 and settings.num_registers > 0
-    cosine = lambda embeddings: fidelity(planted["reference"], embeddings)["cosine_mean"]
-    both = cosine(embed_batches(planted["result"].adapter, planted["holdout"]))
-    others = {
-        "naive": cosine(quantized_holdout(planted, None)),
-        "prefix-only": cosine(quantized_holdout(planted, dataclasses.replace(settings, delete_tokens=0))),
-        "delete-only": cosine(quantized_holdout(planted, dataclasses.replace(settings, num_registers=0))),
-    }
+    assert settings.variant == "both"
+    centered = lambda embeddings: fidelity(planted["reference"], embeddings)["centered_cosine_mean"]
+    both = centered(embed_batches(planted["result"].adapter, planted["holdout"]))
+    others = {variant: centered(quantized_holdout(planted, RegCacheSettings(**validation[variant]["settings"])))
+              for variant in ("naive", "prefix-only", "delete-only")}
     assert both > max(others.values()), (both, others)
     assert 1 - both < 0.25 * (1 - max(others.values())), (both, others)
 

@@ -22,11 +22,11 @@ from quantsink.errors import CheckpointError, UserError
 from quantsink.methods.base import Method, MethodContext
 from quantsink.methods.regcache.install import install, sequence_maxima
 from quantsink.methods.regcache.options import AUTO, SEARCHABLE, RegCacheOptions, RegCacheSettings
-from quantsink.methods.regcache.profile import CalibrationImages, reference_pass
+from quantsink.methods.regcache.profile import MIN_SEARCH_SAMPLES, CalibrationImages, count, reference_pass
 from quantsink.methods.regcache.registers import Registers, average_registers, candidate_blocks, candidates, massive_candidates
-from quantsink.methods.regcache.search import CoordinateSearch, initial_settings, start_range
+from quantsink.methods.regcache.search import JointSearch, start_range
 from quantsink.methods.regcache.sensitivity import scan
-from quantsink.methods.regcache.trials import TrialQuantizers
+from quantsink.methods.regcache.trials import CRITERION, TrialQuantizers
 from quantsink.models.base import Adapter
 from quantsink.models.capabilities import EditableEncoder
 from quantsink.registry import METHODS
@@ -58,35 +58,56 @@ class RegCache(Method):
             value = getattr(options, field)
             if value != AUTO and value >= adapter.num_blocks:
                 raise UserError(f"regcache.{field}: {value} is not a block of this model (it has {adapter.num_blocks})")
+        prefix_blocks = adapter.register_prefix_blocks if options.prefix_blocks == AUTO else options.prefix_blocks
+        if prefix_blocks == "sensitive_only" and options.prefix_start != AUTO:
+            raise UserError(f"regcache.prefix_start: {options.prefix_start} cannot apply, the prefix goes only at the sensitive "
+                            f"block ({adapter.family}'s default); set prefix_blocks: to_last, or drop prefix_start")
         pass_started = time.perf_counter()
         profile = reference_pass(adapter, context.calibration_batches, trials.targets)
         pass_seconds = time.perf_counter() - pass_started
         images = CalibrationImages(context.calibration_batches, profile.embeddings)
+        searched = [field for field in SEARCHABLE if getattr(options, field) == AUTO]
+        # with nothing to choose there is nothing to validate: every image builds
+        build, validation = images.split(options.validation_fraction) if searched else (list(range(images.count)), [])
         passes = {"reference": 1.0}  # modelled cost of each stage, in full passes
         with tqdm(desc="regcache search", unit="trial", disable=not context.progress) as bar:
-            sensitivity = scan(adapter, trials, profile, images, bar) if options.sensitive_layer == AUTO else None
+            sensitivity = scan(adapter, trials, profile, images, build, bar) if options.sensitive_layer == AUTO else None
             if sensitivity is not None:
                 passes["sensitivity"] = sensitivity.passes
             sensitive = options.sensitive_layer if sensitivity is None else sensitivity.sensitive_layer()
-            starts = start_range(options, sensitive, adapter.num_blocks)
-            first = min(starts[0], sensitive)
-            chosen = candidates(profile, sensitive, options.candidate_top_k)
-            self.registers, passes["registers"] = average_registers(adapter, images, chosen, first)
-            massive = int(profile.massive_counts(sensitive).max())
-            search = CoordinateSearch(adapter, trials, profile, images, self.registers, options, bar)
-            self.settings = search.run(initial_settings(options, sensitive, starts, massive), starts, first)
-            passes["trials"] = search.passes
+            starts = start_range(options, sensitive, prefix_blocks)
+            chosen = candidates(profile, sensitive, options.candidate_top_k, build)
+            self.registers, passes["registers"] = average_registers(adapter, images, chosen, min(starts[0], sensitive))
+            massive = int(profile.massive_counts(sensitive)[build].max())
+            search = JointSearch(adapter, trials, profile, images, build, validation, self.registers, options, bar)
+            if searched:
+                self.settings = search.run(sensitive, starts, massive, prefix_blocks)
+                passes["trials"] = search.passes()
+            else:
+                self.settings = RegCacheSettings(sensitive, starts[0], options.num_registers, options.delete_tokens,
+                                                 options.refill, prefix_blocks)
         self.report = {
             **dataclasses.asdict(self.settings),
-            "searched": [field for field in SEARCHABLE if getattr(options, field) == AUTO],
+            "variant": self.settings.variant,
+            "searched": searched,
+            "criterion": f"1 - {CRITERION} on the validation images",
+            "validation": None if not searched else {
+                "images": len(validation),
+                "build_images": len(build),
+                **{variant: {"settings": dataclasses.asdict(trial.settings), **trial.fidelity}
+                   for variant, trial in search.best.items()},
+                "chosen": search.trials_run[self.settings].fidelity,
+            },
             "fc2_input_max": profile.fc2_input_max,
-            "sensitivity": None if sensitivity is None else sensitivity.scores,
+            "sensitivity": None if sensitivity is None else sensitivity.explain(),
             "candidates": {"tokens": len(chosen), "massive": massive_candidates(profile, chosen, sensitive),
                            "blocks": list(candidate_blocks(sensitive))},
-            "massive_tokens_per_image": {"max": massive, "mean": profile.massive_counts(sensitive).float().mean().item()},
-            "trials": [{**dataclasses.asdict(settings), "cosine_distance": score} for settings, score in search.scores.items()],
+            "massive_tokens_per_image": {"max": massive, "mean": profile.massive_counts(sensitive)[build].float().mean().item()},
+            "trials": [{**dataclasses.asdict(trial.settings), "damage": trial.damage} for trial in search.trials_run.values()],
         }
-        inputs = search.inputs or images.subset(0, [])[0]
+        if self.settings.variant == "naive":
+            log.warning("regcache: no setting beat naive on the %d validation images, so nothing is installed", len(validation))
+        inputs = images.batches_of(validation or build[:MIN_SEARCH_SAMPLES])
         before = sequence_maxima(adapter, self.settings.sensitive_layer, inputs)
         install(adapter, self.settings, self.registers)
         self.report["max_token_linf_at_sensitive_layer"] = {
@@ -100,14 +121,20 @@ class RegCache(Method):
             "reference_pass_seconds": pass_seconds,
             "reference_passes": seconds / pass_seconds,
             "planned_passes": sum(passes.values()),
+            "stages_in_passes": passes,
             "sensitivity_samples": 0 if sensitivity is None else sensitivity.samples,
-            "trial_samples": search.samples,
-            "quantized_trials": len(search.scores),
+            "trial_calibrating_samples": count(search.inputs),
+            "quantized_trials": len(search.trials_run),
         }
+        validation_text = "nothing searched"
+        if searched:
+            naive = search.best.get("naive")
+            validation_text = (f"validation centred cosine {search.trials_run[self.settings].fidelity[CRITERION]:.4f} "
+                               f"(naive {'not searched' if naive is None else f'{naive.fidelity[CRITERION]:.4f}'})")
         log.info(
-            "regcache: l_q=%d, prefix from block %d, tau=%d, k~=%d; cost %.1f full-precision passes",
-            self.settings.sensitive_layer, self.settings.prefix_start, self.settings.num_registers,
-            self.settings.delete_tokens, self.report["cost"]["reference_passes"],
+            "regcache: %s, l_q=%d, prefix from block %d, tau=%d, k~=%d; %s; cost %.1f full-precision passes",
+            self.settings.variant, self.settings.sensitive_layer, self.settings.prefix_start, self.settings.num_registers,
+            self.settings.delete_tokens, validation_text, self.report["cost"]["reference_passes"],
         )
         return self.report
 

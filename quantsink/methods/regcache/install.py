@@ -1,4 +1,4 @@
-"""Steps d and e on a model: the register prefix from `prefix_start` on and the deletion at l_q."""
+"""Steps d and e on a model: the register prefix (from `prefix_start` on, or at l_q only) and the deletion at l_q."""
 from __future__ import annotations
 
 import functools
@@ -19,12 +19,11 @@ def install(adapter: Adapter, settings: RegCacheSettings, registers: Registers) 
     `.remove()` (or the end of a `with` block) takes it off."""
     with installing(adapter.model, "regcache") as handles:
         tallies = []
-        if settings.num_registers:
-            for block in range(settings.prefix_start, adapter.num_blocks):
-                prefix = registers.prefix(block, settings.num_registers)
-                adapter.set_kv_prefix(block, prefix)
-                handles.on_remove(functools.partial(adapter.set_kv_prefix, block, None))
-                tallies.append(prefix.tally)
+        for block in settings.prefixed_blocks(adapter.num_blocks):
+            prefix = registers.prefix(block, settings.num_registers)
+            adapter.set_kv_prefix(block, prefix)
+            handles.on_remove(functools.partial(adapter.set_kv_prefix, block, None))
+            tallies.append(prefix.tally)
         if settings.delete_tokens:
             deletion = handles.add(adapter.delete_tokens_at(settings.sensitive_layer, settings.delete_tokens, settings.refill))
             tallies.append(deletion.tally)

@@ -2,13 +2,13 @@
 calibration images addressed by index, so that the later stages run on chosen subsets."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from quantsink.errors import UserError
 from quantsink.models.base import Adapter, hidden_states_of
 
 Batch = dict[str, torch.Tensor]
@@ -36,6 +36,13 @@ class Profile:
     deletable: torch.Tensor  # (samples, tokens): neither leading special token nor padding
     fc2_input_max: list[float]  # [block] largest |x| entering fc2
     before_blocks: set[str]  # targeted Linears outside the blocks that run before block 0
+    input_max: dict[str, float]  # per targeted Linear in a block: the largest |x| entering it
+    input_median_token: dict[str, float]  # ... and its median token's l_inf norm (mean over batches)
+
+    def input_outlier_ratio(self, name: str) -> float:
+        """How far the largest entry into Linear `name` stands above its median token: the
+        massive activations a register prefix and a deletion can remove."""
+        return self.input_max[name] / max(self.input_median_token[name], 1e-12)
 
     def massive_threshold(self, sensitive: int) -> torch.Tensor:
         return MASSIVE_RATIO * self.token_linf[sensitive][self.deletable].median()
@@ -60,6 +67,8 @@ def reference_pass(adapter: Adapter, batches: list[Batch], targets: list[str]) -
     token_linf: list[list[torch.Tensor]] = [[] for _ in range(blocks)]
     fc2_max = [0.0] * blocks
     order: list[str] = []
+    input_max: dict[str, float] = {}
+    medians: dict[str, list[float]] = {}
     outside = {name for name in targets if not any(name.startswith(block + ".") for block in adapter.block_names())}
 
     def on_block(index: int):
@@ -75,9 +84,18 @@ def reference_pass(adapter: Adapter, batches: list[Batch], targets: list[str]) -
     def note(name: str):
         return lambda _module, _args: order.append(name)
 
+    def on_linear(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            tokens = args[0].abs().amax(dim=-1)
+            input_max[name] = max(input_max.get(name, 0.0), tokens.max().item())
+            medians.setdefault(name, []).append(tokens.median().item())
+        return hook
+
     handles = [block.register_forward_hook(on_block(i)) for i, block in enumerate(adapter.blocks())]
     handles += [adapter.fc2(i).register_forward_pre_hook(on_fc2(i)) for i in range(blocks)]
     handles += [adapter.model.get_submodule(name).register_forward_pre_hook(note(name)) for name in outside]
+    handles += [adapter.model.get_submodule(name).register_forward_pre_hook(on_linear(name))
+                for name in targets if name not in outside]
     handles.append(adapter.blocks()[0].register_forward_pre_hook(note("")))
     embeddings, deletable = [], []
     try:
@@ -89,7 +107,9 @@ def reference_pass(adapter: Adapter, batches: list[Batch], targets: list[str]) -
         for handle in handles:
             handle.remove()
     before = set(order[: order.index("")]) if "" in order else set()
-    return Profile(torch.cat(embeddings), [torch.cat(norms) for norms in token_linf], torch.cat(deletable), fc2_max, before)
+    median = {name: sum(values) / len(values) for name, values in medians.items()}
+    return Profile(torch.cat(embeddings), [torch.cat(norms) for norms in token_linf], torch.cat(deletable), fc2_max,
+                   before, input_max, median)
 
 
 def _deletable(adapter: Adapter, batch: Batch, shape: torch.Size) -> torch.Tensor:
@@ -114,12 +134,24 @@ class CalibrationImages:
         return [{key: torch.cat([self.batches[batch][key][row : row + 1] for batch, row in chunk]) for key in self.batches[0]}
                 for chunk in chunks]
 
-    def subset(self, fraction: float, hardest_first: list[int]) -> tuple[list[Batch], torch.Tensor]:
-        """`fraction` of the images (at least MIN_SEARCH_SAMPLES) and their full-precision
-        embeddings. Static activation scales are set by the most extreme images of the whole
-        set, so half the subset is the first of `hardest_first` and the other half the first of
-        the rest, as they come."""
-        wanted = min(self.count, max(MIN_SEARCH_SAMPLES, math.floor(fraction * self.count)))
-        hardest = hardest_first[: wanted // 2]
-        chosen = sorted(hardest) + [image for image in range(self.count) if image not in set(hardest)][: wanted - len(hardest)]
-        return self.batches_of(chosen), self.embeddings[chosen]
+    def split(self, validation_fraction: float) -> tuple[list[int], list[int]]:
+        """The images that build (registers, sensitivity, a trial's scales) and the disjoint
+        ones that judge the trials: the last `validation_fraction` of the calibration order
+        (already a seeded shuffle), at least MIN_SEARCH_SAMPLES of each."""
+        if self.count < 2 * MIN_SEARCH_SAMPLES:
+            raise UserError(
+                f"regcache needs at least {2 * MIN_SEARCH_SAMPLES} calibration images ({MIN_SEARCH_SAMPLES} to build the "
+                f"registers, {MIN_SEARCH_SAMPLES} to validate the search), got {self.count}: raise calibration.num_samples"
+            )
+        validation = min(self.count - MIN_SEARCH_SAMPLES, max(MIN_SEARCH_SAMPLES, round(validation_fraction * self.count)))
+        return list(range(self.count - validation)), list(range(self.count - validation, self.count))
+
+    def subset(self, wanted: int, hardest_first: list[int], minimum: int = MIN_SEARCH_SAMPLES) -> list[int]:
+        """`wanted` images of `hardest_first` (at least `minimum`, at most all of them),
+        in calibration order. Static activation scales are set by the most extreme images of the
+        whole set, so half the subset is the first of `hardest_first` and the other half the
+        rest as they come."""
+        wanted = min(len(hardest_first), max(minimum, wanted))
+        hardest = set(hardest_first[: wanted // 2])
+        rest = [image for image in sorted(hardest_first) if image not in hardest]
+        return sorted(hardest) + rest[: wanted - len(hardest)]

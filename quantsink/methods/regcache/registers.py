@@ -41,9 +41,12 @@ def candidate_blocks(sensitive: int) -> range:
     return range(max(0, sensitive - CANDIDATE_BLOCKS_BEFORE), sensitive + 1)
 
 
-def candidates(profile: Profile, sensitive: int, top_k: int) -> set[tuple[int, int]]:
-    """(image, token) of the `top_k` tokens by l_inf norm at each candidate block."""
-    images, tokens = profile.deletable.nonzero(as_tuple=True)
+def candidates(profile: Profile, sensitive: int, top_k: int, build: list[int]) -> set[tuple[int, int]]:
+    """(image, token) of the `top_k` tokens by l_inf norm at each candidate block, among the
+    `build` images."""
+    allowed = torch.zeros(profile.deletable.shape[0], dtype=torch.bool)
+    allowed[build] = True
+    images, tokens = (profile.deletable & allowed[:, None]).nonzero(as_tuple=True)
     chosen: set[tuple[int, int]] = set()
     for block in candidate_blocks(sensitive):
         norms = profile.token_linf[block][images, tokens]
