@@ -1,11 +1,11 @@
-"""The arithmetic of the dynamic KV cache: asymmetric min-max quantization of groups with
-dense-and-sparse outliers (KIVI, KVQuant), the rotation that pre-RoPE keys are taken out of and
-put back into, and the replacement of chosen tokens by their read-back; and the rounding of
-static KV scales as a compressed-tensors loader applies them."""
+"""The arithmetic of the dynamic KV cache: asymmetric min-max quantization of groups (KIVI) with
+dense-and-sparse outliers picked per vector (KVQuant), the rotation that pre-RoPE keys are taken
+out of and put back into, and the replacement of chosen tokens by their read-back; and the
+rounding of static KV scales as a compressed-tensors loader applies them."""
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -22,19 +22,43 @@ class GroupQuantization(NamedTuple):
     outliers: torch.Tensor
 
 
-def quantize_groups(x: torch.Tensor, bits: int, outliers_per_group: int = 0) -> GroupQuantization:
+def largest_magnitudes(x: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the `count` largest-magnitude entries of every vector along the last
+    dimension of `x` (KVQuant's per-vector outliers)."""
+    chosen = torch.zeros_like(x, dtype=torch.bool)
+    if count:
+        chosen.scatter_(-1, x.abs().topk(count, dim=-1).indices, True)
+    return chosen
+
+
+def quantize_groups(x: torch.Tensor, bits: int, outliers: Optional[torch.Tensor] = None) -> GroupQuantization:
     """Asymmetric min-max quantization of every group along the last dimension of `x`, with the
-    `outliers_per_group` largest-magnitude values of each group kept exact and out of its range."""
+    entries `outliers` marks (dense-and-sparse) kept exact and out of their group's range; a
+    group made only of outliers has range 0."""
     work = x.float()
-    outliers = torch.zeros_like(work, dtype=torch.bool)
-    if outliers_per_group:
-        outliers.scatter_(-1, work.abs().topk(outliers_per_group, dim=-1).indices, True)
-    low = work.masked_fill(outliers, math.inf).amin(dim=-1, keepdim=True)
-    high = work.masked_fill(outliers, -math.inf).amax(dim=-1, keepdim=True)
+    outliers = torch.zeros_like(work, dtype=torch.bool) if outliers is None else outliers
+    dense = ~outliers.all(dim=-1, keepdim=True)
+    low = work.masked_fill(outliers, math.inf).amin(dim=-1, keepdim=True).where(dense, 0.0)
+    high = work.masked_fill(outliers, -math.inf).amax(dim=-1, keepdim=True).where(dense, 0.0)
+    scale, dequantized = _onto_range(work, low, high, bits)
+    return GroupQuantization(torch.where(outliers, work, dequantized).to(x.dtype), scale, low, outliers)
+
+
+def quantize_in_range(
+    x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, outliers: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The read-back of `x` quantized onto the asymmetric grid of the given range ([low, high],
+    broadcast against `x`; values beyond it clip), the entries `outliers` marks kept exact: the
+    arithmetic of `quantize_groups` with a calibrated range."""
+    work = x.float()
+    dequantized = _onto_range(work, low.float(), high.float(), bits)[1]
+    return (dequantized if outliers is None else torch.where(outliers, work, dequantized)).to(x.dtype)
+
+
+def _onto_range(work: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, read-back) of float `work` on the 2^bits levels from `low` to `high`."""
     scale, zero_point = qparams_from_range(torch.zeros_like(low), high - low, bits, symmetric=False)
-    dequantized = fake_quantize(work - low, scale, zero_point, bits, symmetric=False) + low
-    values = torch.where(outliers, work, dequantized).to(x.dtype)
-    return GroupQuantization(values, scale, low, outliers)
+    return scale, fake_quantize(work - low, scale, zero_point, bits, symmetric=False) + low
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

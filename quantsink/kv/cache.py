@@ -20,12 +20,24 @@ the dequantized values so that attention reads exactly what packed storage would
   channel of each head over a group of `group_size` consecutive stream tokens; a group is
   quantized once it is complete and all its tokens have left the residual window, so up to
   `group_size - 1` more keys than values can wait in full precision. `per_token`: like values.
+  `per_channel` with `keys.ranges: calibrated` (KVQuant's offline per-channel keys): each
+  channel of each head and layer has one range, calibrated by kv-static on the calibration
+  text over the tokens this cache quantizes; a key is quantized onto it (clipping beyond it)
+  as soon as it leaves the residual window, and the ranges are stored once per layer.
 * Arithmetic: asymmetric min-max per group (KIVI): codes q = clamp(round((x - min) / scale),
   0, 2^b - 1) with scale = (max - min) / (2^b - 1), read back as q * scale + min; the codes are
   those of `quantizers.functional.quantize` applied to x - min. Each group stores b-bit codes,
   a scale and an offset (its minimum).
-* Dense-and-sparse outliers (KVQuant): in every group the ceil(outlier_fraction * group size)
-  largest-magnitude values are kept exact and left out of the group's min and max.
+* Dense-and-sparse outliers (KVQuant's per-vector outliers): the largest-magnitude
+  outlier_fraction of each vector (`KVCacheScheme.outliers_per_vector`: to the nearest integer,
+  at least 1) is kept exact and left out of its group's min and max. For values and per-token
+  keys a vector is one token's values (keys) over all key/value heads of the layer, heads x
+  head_dim entries (KVQuant's per-token vector). For per-channel keys it is one channel of one
+  head over its group's `group_size` tokens, the whole of that channel this online cache
+  quantizes at once (KVQuant calibrates its per-channel outlier thresholds offline over the
+  sequence instead); a group shorter than 1 / (2 outlier_fraction) tokens so keeps 1 of each
+  channel's `group_size` values. Calibrated keys count per token vector, as values do, ranking
+  entries by how far out of their channel's range they lie, relative to its width.
 * Pre-RoPE keys (KVQuant): the cache un-rotates keys with the model's rotary embedding,
   quantizes them, and rotates the read-back again. Positions are each row's real-token index
   (what `generate` uses with left padding); a plain forward with other position ids still gets
@@ -39,7 +51,10 @@ the dequantized values so that attention reads exactly what packed storage would
     a later massive token (a generated ".") still becomes a sink while budget is left. An offered
     token is decided for good. A token is never quantized before it is decided: the layers
     updated before the hook (blocks <= l_E) keep the forward's tokens in full precision until
-    `offer_sinks` stores them, layers after l_E store them at their own update;
+    `offer_sinks` stores them, layers after l_E store them at their own update. With
+    `hold=True` (kvsink's `prefill: hold`) the tokens of multi-token calls wait, exact, until a
+    one-token call (a decoding step) or `end_prefill`, which decides them all at once: the
+    top-k of a whole prompt prefilled in chunks;
   - explicit (`set_sink_positions`, before prefill): every position is decided at once, and
     offered scores are ignored.
 * Tokens a forward call adds are returned to attention in full precision (the current chunk
@@ -61,9 +76,10 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from quantsink.errors import UserError
-from quantsink.kv.arithmetic import quantize_groups, requantize, rotate
+from quantsink.kv.arithmetic import largest_magnitudes, quantize_groups, quantize_in_range, requantize, rotate
 from quantsink.kv.scheme import KVCacheScheme
 from quantsink.kv.storage import EMPTY, KVMemory, Rows, packed_memory
+from quantsink.quantizers.functional import MIN_SCALE
 
 RotaryEmbedding = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -74,11 +90,15 @@ class SinkQuantizedLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, scheme: KVCacheScheme, rows: Rows, rotary_embedding: Optional[RotaryEmbedding] = None):
+    def __init__(
+        self, scheme: KVCacheScheme, rows: Rows, rotary_embedding: Optional[RotaryEmbedding] = None,
+        key_range: Optional[torch.Tensor] = None,
+    ):
         super().__init__()
         self.scheme = scheme
         self.rows = rows
         self.rotary_embedding = rotary_embedding
+        self.key_range = key_range  # keys.ranges calibrated: (2, heads, head_dim), low then high
         # Per row, how many stream tokens have their keys / values stored quantized.
         self.quantized_keys: Optional[torch.Tensor] = None
         self.quantized_values: Optional[torch.Tensor] = None
@@ -122,9 +142,12 @@ class SinkQuantizedLayer(DynamicLayer):
 
         values = requantize(values, newly(self.quantized_values, done), partial(self._per_token, group=group))
         self.quantized_values = done
-        per_channel = scheme.keys.granularity == "per_channel"
-        key_done = done - done % scheme.group_size if per_channel else done
-        key_quantizer = self._per_channel if per_channel else partial(self._per_token, group=group)
+        grouped_keys = scheme.keys.granularity == "per_channel" and scheme.keys.ranges == "group"
+        key_done = done - done % scheme.group_size if grouped_keys else done
+        if scheme.keys.ranges == "calibrated":
+            key_quantizer = self._calibrated
+        else:
+            key_quantizer = self._per_channel if grouped_keys else partial(self._per_token, group=group)
         select = newly(self.quantized_keys, key_done)
         if scheme.keys.pre_rope:
             key_quantizer = partial(self._pre_rope, key_quantizer, positions=real_index[select])
@@ -135,7 +158,8 @@ class SinkQuantizedLayer(DynamicLayer):
     def _per_token(self, picked: torch.Tensor, group: int) -> torch.Tensor:
         """picked: (tokens, heads, head_dim) -> groups of `group` channels of one token."""
         grouped = picked.reshape(*picked.shape[:-1], -1, group)
-        outliers = self.scheme.outliers_per_group(group)
+        vectors = picked.flatten(1)
+        outliers = largest_magnitudes(vectors, self.scheme.outliers_per_vector(vectors.shape[-1])).reshape(grouped.shape)
         return quantize_groups(grouped, self.scheme.bits, outliers).values.reshape(picked.shape)
 
     def _per_channel(self, picked: torch.Tensor) -> torch.Tensor:
@@ -143,14 +167,47 @@ class SinkQuantizedLayer(DynamicLayer):
         groups -> per channel over `group_size` consecutive tokens."""
         size = self.scheme.group_size
         grouped = picked.reshape(-1, size, *picked.shape[1:]).movedim(1, -1)
-        outliers = self.scheme.outliers_per_group(size)
+        outliers = largest_magnitudes(grouped, self.scheme.outliers_per_vector(size))
         return quantize_groups(grouped, self.scheme.bits, outliers).values.movedim(-1, 1).reshape(picked.shape)
+
+    def _calibrated(self, picked: torch.Tensor) -> torch.Tensor:
+        """picked: (tokens, heads, head_dim) -> each channel on the grid of its calibrated range.
+        A token's outliers are the entries farthest out of their channel's range, relative to its
+        width (KVQuant's per-channel outlier thresholds, as a per-vector count)."""
+        if self.key_range is None or self.key_range.shape[1:] != picked.shape[1:]:
+            found = None if self.key_range is None else tuple(self.key_range.shape)
+            raise UserError(f"keys.ranges calibrated needs a (2, {picked.shape[1]}, {picked.shape[2]}) key range per layer, "
+                            f"found {found}: the ranges belong to another model, calibrate this one (quantsink.quantize)")
+        low, high = self.key_range.to(picked.device)
+        count = self.scheme.outliers_per_vector(picked.shape[1] * picked.shape[2])
+        outliers = None
+        if count:
+            spread = (2 * picked.float() - (low + high)).abs() / (high - low).clamp_min(MIN_SCALE)
+            outliers = largest_magnitudes(spread.flatten(1), count).reshape(picked.shape)
+        return quantize_in_range(picked, low, high, self.scheme.bits, outliers)
 
     def _pre_rope(self, quantizer, picked: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Quantize the un-rotated keys (at real-token `positions`), then rotate the read-back."""
-        cos, sin = self.rotary_embedding(picked, positions.unsqueeze(0))
-        cos, sin = cos[0].unsqueeze(1).to(picked.dtype), sin[0].unsqueeze(1).to(picked.dtype)
+        cos, sin = self._rotation(picked, positions)
         return rotate(quantizer(rotate(picked, cos, sin, inverse=True)), cos, sin)
+
+    def _rotation(self, picked: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the model's RoPE for (tokens, heads, head_dim) keys at `positions`."""
+        cos, sin = self.rotary_embedding(picked, positions.unsqueeze(0))
+        return cos[0].unsqueeze(1).to(picked.dtype), sin[0].unsqueeze(1).to(picked.dtype)
+
+    def stream_keys(self) -> torch.Tensor:
+        """(tokens, heads, head_dim): the keys of every stream token (real, not a sink) held now,
+        as the key quantizer gets them (un-rotated under pre_rope), for calibrating key ranges on
+        a cache that stores nothing quantized (quantsink.methods.kv_static)."""
+        batch, _, length, _ = self.keys.shape
+        real = self.rows.real(batch, length, self.keys.device)
+        stream = real & ~self.rows.sinks(real)
+        picked = self.keys.transpose(1, 2)[stream]
+        if self.scheme.keys.pre_rope:
+            cos, sin = self._rotation(picked, (real.cumsum(-1) - 1)[stream])
+            picked = rotate(picked, cos, sin, inverse=True)
+        return picked
 
     # --- batch bookkeeping ----------------------------------------------------------------
     def take_rows(self, index: torch.Tensor) -> None:
@@ -199,10 +256,15 @@ class SinkQuantizedCache(Cache):
     `quantsink.kv_cache(model)` gets for a model from `quantsink.load`), or from
     `set_sink_positions` before prefill. `rotary_embedding` (the model's rotary
     module, called as `rotary_embedding(x, position_ids) -> (cos, sin)`) is needed for
-    `pre_rope` only. One cache serves one batch of sequences; `reset` empties it for reuse.
+    `pre_rope` only, `key_ranges` ((layers, 2, heads, head_dim): each key channel's calibrated low
+    and high) for `keys.ranges: calibrated` only. One cache serves one batch of sequences; `reset`
+    empties it for reuse.
     """
 
-    def __init__(self, scheme: Optional[KVCacheScheme] = None, rotary_embedding: Optional[RotaryEmbedding | nn.Module] = None):
+    def __init__(
+        self, scheme: Optional[KVCacheScheme] = None, rotary_embedding: Optional[RotaryEmbedding | nn.Module] = None,
+        key_ranges: Optional[torch.Tensor] = None,
+    ):
         self.scheme = scheme if scheme is not None else KVCacheScheme()
         if self.scheme.scales != "dynamic":
             raise UserError(
@@ -215,7 +277,16 @@ class SinkQuantizedCache(Cache):
                 "SinkQuantizedCache(scheme, rotary_embedding=model.model.rotary_emb)"
             )
         self.rows = Rows(self.scheme)
-        super().__init__(layer_class_to_replicate=partial(SinkQuantizedLayer, self.scheme, self.rows, rotary_embedding))
+        layer = partial(SinkQuantizedLayer, self.scheme, self.rows, rotary_embedding)
+        if self.scheme.keys.ranges == "calibrated" and self.scheme.quantizes:
+            if key_ranges is None:
+                raise UserError(
+                    "keys.ranges calibrated needs the key ranges kv-static calibrated: quantsink.kv_cache(model) of a model "
+                    "quantized with this scheme, or SinkQuantizedCache(scheme, key_ranges=(layers, 2, heads, head_dim))"
+                )
+            super().__init__(layers=[layer(key_range=key_range) for key_range in key_ranges])
+        else:
+            super().__init__(layer_class_to_replicate=layer)
 
     def set_attention_mask(self, attention_mask: torch.Tensor) -> None:
         """(batch, length) mask of the tokens about to be cached, 1 for real tokens and 0 for
@@ -245,27 +316,52 @@ class SinkQuantizedCache(Cache):
         self.rows.sink_positions = positions
         self.rows.explicit_sinks = True
 
-    def offer_sinks(self, scores: torch.Tensor) -> None:
+    def offer_sinks(self, scores: torch.Tensor, hold: bool = False) -> None:
         """Decide the sink status of the tokens this forward call cached so far, for the `kvsink`
         strategy: `scores` (batch, new) ranks the last `new` cached columns, -inf (or NaN) for
         "never a sink"; padding never is one. Each row keeps the best-scoring offered tokens while
-        it has fewer than `num_sinks` sinks (ties: the earlier token), and every offered token is
-        decided for good: the layers already updated in this call store now what may be stored.
-        Called by the kvsink hook on the emergence layer, so `new` is the whole call's tokens and
-        layer 0's length says where they are. Ignored for other strategies and after
-        `set_sink_positions`."""
+        it has fewer than `num_sinks` sinks (ties: the earlier token), and every decided token is
+        final: the layers already updated in this call store now what may be stored. Called by
+        the kvsink hook on the emergence layer, so `new` is the whole call's tokens and layer 0's
+        length says where they are. Ignored for other strategies and after `set_sink_positions`.
+
+        `hold`: a call of several tokens is part of a prompt, whose tokens wait, exact, with their
+        scores; a call of one token per row (a decoding step) or `end_prefill` ends the prompt,
+        and the row's top tokens of all that waited and of the call are decided together."""
         if not self.rows.streams_sinks:
             return
         if scores.dim() != 2:
             raise UserError(f"offer_sinks takes (batch, new) scores, got shape {tuple(scores.shape)}")
         length = self.get_seq_length()
         batch, new = scores.shape
-        if new != length - self.rows.decided:
+        undecided = length - self.rows.decided - self.rows.waiting
+        if new != undecided:
             raise UserError(
-                f"offer_sinks got scores for {new} tokens but {length - self.rows.decided} cached tokens wait for a "
+                f"offer_sinks got scores for {new} tokens but {undecided} cached tokens wait for a "
                 "decision: score every token of the forward call, once, after its block updated the cache"
             )
         self.rows.check_batch(batch)
+        if self.rows.held is not None:
+            scores = torch.cat([self.rows.held.to(scores.device), scores.float()], dim=-1)
+        self.rows.held = None
+        if hold and new > 1:
+            self.rows.held = scores.float()
+            return
+        self._decide(scores)
+
+    def end_prefill(self) -> None:
+        """End a prompt that `offer_sinks(..., hold=True)` keeps waiting (sinks `prefill: hold`,
+        quantsink.methods.kvsink): decide its tokens now, each row's top `num_sinks` by score,
+        and store what may be stored. For a prompt whose end no decoding step marks, e.g. one
+        prefilled in chunks and then scored chunk by chunk."""
+        held, self.rows.held = self.rows.held, None
+        if held is not None:
+            self._decide(held)
+
+    def _decide(self, scores: torch.Tensor) -> None:
+        """Give the best of `scores` (batch, n: the last n cached columns) the free sink slots."""
+        length = self.get_seq_length()
+        batch, new = scores.shape
         device = scores.device
         if self.rows.sink_positions is None:
             self.rows.sink_positions = torch.full((batch, self.scheme.sinks.num_sinks), -1, dtype=torch.long, device=device)
@@ -304,7 +400,7 @@ class SinkQuantizedCache(Cache):
         """Empty every layer and forget the attention mask and sink positions."""
         super().reset()
         self.rows.attention_mask = self.rows.sink_positions = None
-        self.rows.explicit_sinks, self.rows.decided = False, 0
+        self.rows.explicit_sinks, self.rows.decided, self.rows.held = False, 0, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.rows.take(beam_idx)

@@ -10,7 +10,8 @@ pre-RoPE keys and the attention sinks kept in full precision.
 * `scales: dynamic` (the default): `SinkQuantizedCache` computes each group's range as tokens
   arrive (KIVI / KVQuant; quantsink.kv.cache says exactly how). Keys `per_channel` or
   `per_token`, values `per_token`; `group_size`, `residual_length`, `outlier_fraction`,
-  `keys.pre_rope` and `sinks` apply.
+  `keys.pre_rope` and `sinks` apply. `keys.ranges: calibrated` gives per-channel keys one range
+  per channel calibrated offline with `observer` instead (KVQuant; quantsink.methods.kv_static).
 * `scales: static`: one symmetric scale per layer (`per_tensor`, the default) or per key/value
   head (`per_head`) for the keys and for the values, calibrated once on the calibration text
   with `observer` (quantsink.methods.kv_static) and applied where each attention hands its cache
@@ -56,11 +57,23 @@ DYNAMIC_ONLY = ("group_size", "residual_length", "outlier_fraction")
 
 
 class SinkProfiling(Schema):
-    """How the kvsink profiler finds the outlier channel (quantsink.methods.kvsink)."""
+    """How the kvsink predictor finds the outlier channel and picks the sinks
+    (quantsink.methods.kvsink says why each default is what it is).
+
+    `massive_ratio`: a channel whose peak is this many times a typical token's RMS is massive;
+    with none stable, profiling takes the strongest channels it finds and warns. `min_score`:
+    a token is offered as a sink only if its score is at least this many times that RMS; 0 is
+    the paper's plain top-k. `prefill`: `stream` decides each forward call's tokens at once,
+    `hold` keeps a prompt fed in several calls exact and takes its top-k when it ends. `score`:
+    `channel`, |h| in the strongest stable channel (the paper); `norm`, the L2 norm over all
+    the stable channels."""
 
     # Sun et al.'s massive activations are ~1e3-1e4x a typical activation (Llama-2-7B: 2,500 vs <1)
     massive_ratio: Annotated[float, Field(gt=1.0)] = 100.0
     stable_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    min_score: Annotated[float, Field(ge=0.0)] = 0.0
+    prefill: Literal["stream", "hold"] = "stream"
+    score: Literal["channel", "norm"] = "channel"
 
 
 class KVSinks(Schema):
@@ -80,8 +93,14 @@ class KVSinks(Schema):
 
 
 class KVKeys(Schema):
+    """`ranges` of dynamic per-channel keys: `group`, each group's own min and max (KIVI);
+    `calibrated`, one range per channel of each layer, observed offline on the calibration text
+    over the tokens the cache quantizes (KVQuant; the kv-static method calibrates them), so each
+    key is quantized as it leaves the residual window, without waiting for its group."""
+
     granularity: KVGranularity = KVGranularity.per_channel
     pre_rope: bool = False
+    ranges: Literal["group", "calibrated"] = "group"
 
 
 class KVValues(Schema):
@@ -100,6 +119,7 @@ class BackendSupport:
     sinks: bool = True
     pre_rope: bool = True
     outliers: bool = True
+    calibrated_keys: bool = True
 
     def incompatibility(self, name: str, scheme: "KVCacheScheme") -> Optional[str]:
         """Why backend `name` cannot run `scheme` (one line with the fix), or None."""
@@ -109,6 +129,7 @@ class BackendSupport:
             (scheme.sinks.method != "none" and not self.sinks, f"sinks.method {scheme.sinks.method}"),
             (scheme.keys.pre_rope and not self.pre_rope, "keys.pre_rope"),
             (scheme.outlier_fraction > 0 and not self.outliers, "outlier_fraction"),
+            (scheme.keys.ranges == "calibrated" and not self.calibrated_keys, "keys.ranges calibrated"),
             (scheme.scales == "dynamic" and keys not in self.key_granularities,
              f"usable keys.granularity {keys} (set {' or '.join(self.key_granularities)})"),
         ]
@@ -123,14 +144,14 @@ class BackendSupport:
 
 BACKEND_SUPPORT = {
     "quantsink": BackendSupport(bits=(2, 3, 4, 8, 16), scales=("dynamic", "static")),
-    # transformers' QuantizedCache with optimum-quanto: its per-channel axis groups across batch,
-    # heads and tokens and fails unless they divide the group, so keys are per token
-    "transformers-quanto": BackendSupport(bits=(2, 4), key_granularities=("per_token",), sinks=False, pre_rope=False,
-                                          outliers=False),
+    # transformers' QuantizedCache with optimum-quanto: keys per token (axis 0) or per channel
+    # (axis -1, over whole groups of tokens only: quantsink.kv.backends refuses the rest when it runs)
+    "transformers-quanto": BackendSupport(bits=(2, 4), sinks=False, pre_rope=False, outliers=False, calibrated_keys=False),
 }
 
 # the methods a scheme implies (quantsink.methods registers them), and the field that asks for each
-IMPLIED_METHODS = {"kv-static": "kv_cache.scales: static", "kvsink": "kv_cache.sinks.method: kvsink"}
+IMPLIED_METHODS = {"kv-static": "kv_cache.scales: static or kv_cache.keys.ranges: calibrated",
+                   "kvsink": "kv_cache.sinks.method: kvsink"}
 
 
 class KVCacheScheme(Schema):
@@ -167,18 +188,24 @@ class KVCacheScheme(Schema):
                 raise ValueError(f"keys.granularity {keys} needs scales: static; dynamic keys are per_channel or per_token")
             if values != "per_token":
                 raise ValueError(f"values.granularity {values} needs scales: static; dynamic values are per_token")
-            if self.observer != "minmax":
-                raise ValueError(f"observer {self.observer} calibrates static scales; dynamic ones take each group's "
-                                 "range: remove it or set scales: static")
+            calibrated = self.keys.ranges == "calibrated"
+            if calibrated and keys != "per_channel":
+                raise ValueError(f"keys.ranges calibrated are ranges of key channels, not of keys.granularity {keys}: "
+                                 "set keys.granularity per_channel")
+            if self.observer != "minmax" and not calibrated:
+                raise ValueError(f"observer {self.observer} calibrates static scales or key ranges; dynamic ones take each "
+                                 "group's range: remove it, or set scales: static or keys.ranges: calibrated")
             return self
         if keys not in STATIC_GRANULARITIES or keys != values:
             raise ValueError(f"static scales are per_tensor or per_head, the same for keys and values (compressed-tensors "
-                             f"has one strategy), got keys {keys} and values {values}: set both to one of those")
+                             f"has one strategy), got keys {keys} and values {values}: set both to one of those (per-channel "
+                             "keys calibrated offline: scales dynamic, keys.ranges calibrated)")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits {self.bits}: static scales quantize to 2-8 bits; pick one of those")
         defaults = type(self).model_fields
         dynamic_only = [name for name in DYNAMIC_ONLY if getattr(self, name) != defaults[name].default]
-        dynamic_only += [what for present, what in ((self.keys.pre_rope, "keys.pre_rope"), (self.sinks.method != "none", "sinks"))
+        dynamic_only += [what for present, what in ((self.keys.pre_rope, "keys.pre_rope"), (self.sinks.method != "none", "sinks"),
+                                                    (self.keys.ranges != "group", "keys.ranges"))
                          if present]
         if dynamic_only:
             raise ValueError(f"{dynamic_only[0]} applies to dynamic scales; static ones quantize every post-RoPE token with "
@@ -198,17 +225,23 @@ class KVCacheScheme(Schema):
     def quantizes(self) -> bool:
         return self.bits < 16
 
-    def outliers_per_group(self, group_numel: int) -> int:
-        return math.ceil(self.outlier_fraction * group_numel)
+    def outliers_per_vector(self, length: int) -> int:
+        """How many entries of a `length`-entry vector dense-and-sparse keeps exact: the
+        outlier_fraction of it to the nearest integer (halves up), at least 1 when outlier_fraction
+        > 0. quantsink.kv.cache says what a vector is."""
+        if not self.outlier_fraction:
+            return 0
+        return max(1, math.floor(self.outlier_fraction * length + 0.5))
 
     def implied_methods(self) -> list[tuple[str, Any]]:
-        """(method name, options) of the methods this scheme needs run on the model: kv-static
-        calibrates static scales (its options: this scheme), kvsink profiles the sink predictor."""
+        """(method name, options) of the methods this scheme needs run on the model, in order:
+        kvsink profiles the sink predictor, then kv-static (its options: this scheme) calibrates
+        static scales or key ranges, the latter on the tokens the predicted sinks leave."""
         methods: list[tuple[str, Any]] = []
-        if self.scales == "static":
-            methods.append(("kv-static", self))
         if self.sinks.method == "kvsink":
             methods.append(("kvsink", self.sinks.profile or SinkProfiling()))
+        if self.scales == "static" or self.keys.ranges == "calibrated":
+            methods.append(("kv-static", self))
         return methods
 
     def compressed_tensors(self) -> dict[str, Any]:
@@ -221,7 +254,8 @@ class KVCacheScheme(Schema):
             return f"{self.backend} {self.bits}-bit, static {self.keys.granularity} scales of keys and values ({self.observer})"
         sinks = self.sinks.method if self.sinks.method == "none" else f"{self.sinks.method}-{self.sinks.num_sinks}"
         keys = f"keys {self.keys.granularity}{' pre-RoPE' if self.keys.pre_rope else ''}"
-        outliers = f", {self.outlier_fraction:.1%} outliers" if self.outlier_fraction else ""
+        keys += f" in calibrated ranges ({self.observer})" if self.keys.ranges == "calibrated" else ""
+        outliers = f", {self.outlier_fraction:.1%} outliers per vector" if self.outlier_fraction else ""
         return (
             f"{self.backend} {self.bits}-bit, {keys}, values per_token, groups of {self.group_size}, "
             f"residual {self.residual_length}{outliers}, sinks {sinks}"

@@ -11,7 +11,7 @@ import torch
 from quantsink.errors import UserError
 from quantsink.kv.scheme import KVCacheScheme
 
-# Storage cost of what is kept in full precision, and of each outlier's position in its group.
+# Storage cost of what is kept in full precision, and of each outlier's position in its vector.
 FP16_BYTES = 2
 OUTLIER_INDEX_BYTES = 2
 
@@ -53,16 +53,21 @@ EMPTY = KVMemory(0, 0, 0, 0, 0, 0)
 def packed_memory(scheme: KVCacheScheme, heads: int, head_dim: int, keys: int, values: int, tokens: int) -> KVMemory:
     """One layer of `heads` x `head_dim` holding `tokens` real tokens, of which `keys` have their
     keys and `values` their values stored quantized."""
-    group = min(scheme.group_size, head_dim)
-    token_groups = heads * head_dim // group
-    if scheme.keys.granularity == "per_channel":
-        key_groups = keys // scheme.group_size * heads * head_dim
+    vector = heads * head_dim
+    token_groups = vector // min(scheme.group_size, head_dim)
+    # outlier vectors (quantsink.kv.cache): a token's heads x head_dim entries, or one channel of a key group
+    token_outliers = scheme.outliers_per_vector(vector)
+    if scheme.keys.ranges == "calibrated":  # one range per channel of the layer, however many keys
+        key_groups = vector if keys else 0
+        key_outliers = keys * token_outliers
+    elif scheme.keys.granularity == "per_channel":
+        key_groups = keys // scheme.group_size * vector
+        key_outliers = key_groups * scheme.outliers_per_vector(scheme.group_size)
     else:
         key_groups = keys * token_groups
+        key_outliers = keys * token_outliers
     value_groups = values * token_groups
-    key_group_size = scheme.group_size if scheme.keys.granularity == "per_channel" else group
-    outliers = key_groups * scheme.outliers_per_group(key_group_size) + value_groups * scheme.outliers_per_group(group)
-    vector = heads * head_dim
+    outliers = key_outliers + values * token_outliers
     return KVMemory(
         tokens=tokens,
         codes=math.ceil((keys + values) * vector * scheme.bits / 8) if scheme.quantizes else 0,
@@ -83,6 +88,8 @@ class Rows:
         self.sink_positions: Optional[torch.Tensor] = None  # (batch, k), -1 where a row has fewer
         self.explicit_sinks = False  # set_sink_positions decided every position at once
         self.decided = 0  # streaming kvsink: the leading cache columns whose sink status is final
+        # prefill: hold: the scores of the columns after `decided` that wait for the prompt's end
+        self.held: Optional[torch.Tensor] = None  # (batch, waiting)
 
     @property
     def streams_sinks(self) -> bool:
@@ -101,11 +108,17 @@ class Rows:
                     "set them for the batch the model sees (beam search and num_return_sequences repeat each row)"
                 )
 
+    @property
+    def waiting(self) -> int:
+        """How many columns after `decided` a held prefill keeps exact until it ends."""
+        return 0 if self.held is None else self.held.shape[1]
+
     def check_decided(self, cached: int) -> None:
-        """A forward call must not start while an earlier one's tokens still wait for offer_sinks."""
-        if self.streams_sinks and cached > self.decided:
+        """A forward call must not start while an earlier one's tokens still wait for offer_sinks
+        (the tokens a held prefill keeps waiting were offered)."""
+        if self.streams_sinks and cached > self.decided + self.waiting:
             raise UserError(
-                f"sinks.method 'kvsink': {cached - self.decided} cached tokens of an earlier forward call were never "
+                f"sinks.method 'kvsink': {cached - self.decided - self.waiting} cached tokens of an earlier forward call were never "
                 "offered as sinks (no kvsink hook ran): build the cache with quantsink.kv_cache(model) for a model "
                 "loaded with quantsink.load, or call set_sink_positions before prefill"
             )
@@ -132,13 +145,13 @@ class Rows:
         return sinks & real
 
     def take(self, index: torch.Tensor) -> None:
-        if self.attention_mask is not None:
-            self.attention_mask = self.attention_mask[index.to(self.attention_mask.device)]
-        if self.sink_positions is not None:
-            self.sink_positions = self.sink_positions[index.to(self.sink_positions.device)]
+        for name in ("attention_mask", "sink_positions", "held"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor[index.to(tensor.device)])
 
     def repeat_interleave(self, repeats: int) -> None:
-        if self.attention_mask is not None:
-            self.attention_mask = self.attention_mask.repeat_interleave(repeats, dim=0)
-        if self.sink_positions is not None:
-            self.sink_positions = self.sink_positions.repeat_interleave(repeats, dim=0)
+        for name in ("attention_mask", "sink_positions", "held"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.repeat_interleave(repeats, dim=0))

@@ -16,16 +16,25 @@ loaded with `from_pretrained` computes what this model computes.
 Methods run before the quantizer, so the scales are those of the full-precision model, and the
 quantizer calibrates its activations downstream of the quantized cache; keys and values the
 quantized weights push beyond the calibrated range clip.
+
+A dynamic scheme with `keys.ranges: calibrated` (KVQuant's offline per-channel keys) implies this
+method too: it observes, with the scheme's observer, the keys of every channel of each layer
+over the tokens SinkQuantizedCache would quantize (real, not sinks: the kvsink predictor, run
+before, offers them; un-rotated under `pre_rope`), each calibration batch prefilled at once
+through an exact cache of the scheme, and leaves the ranges on the model, where the quantsink
+KV cache backend builds its caches from them. Values stay per token, computed online.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from quantsink.kv.arithmetic import fake_quantize_signed_grid
-from quantsink.errors import CheckpointError
+from quantsink.errors import CheckpointError, UserError
+from quantsink.kv.backends import KEY_RANGES_ATTRIBUTE
+from quantsink.kv.cache import SinkQuantizedCache
 from quantsink.models.capabilities import KVCacheHost
 from quantsink.kv.scheme import KVCacheScheme
 from quantsink.methods.base import Method, MethodContext
@@ -91,6 +100,57 @@ def install(adapter: Adapter, key_scales: torch.Tensor, value_scales: torch.Tens
     return handles
 
 
+@torch.no_grad()
+def calibrate_key_ranges(
+    adapter: Adapter, batches: list[dict[str, torch.Tensor]], scheme: KVCacheScheme, progress: bool = True
+) -> torch.Tensor:
+    """(blocks, 2, heads, head_dim) low and high of every key channel (module docstring)."""
+    observer = OBSERVERS.get(scheme.observer)
+    observers = [observer(scheme.bits, False) for _ in range(adapter.num_blocks)]
+    exact = scheme.model_copy(update={"bits": 16})
+    rotary = adapter.rotary_embedding() if scheme.keys.pre_rope else None
+    shape = None
+    for batch in tqdm(batches, desc="kv-static key ranges", unit="batch", disable=not progress):
+        cache = SinkQuantizedCache(exact, rotary_embedding=rotary)
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            cache.set_attention_mask(mask)
+        # generate's positions (each row's real-token index), which the cache un-rotates with
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0) if mask is not None else None
+        adapter.model(**batch, position_ids=positions, **{adapter.call_cache_keyword: cache}, use_cache=True)
+        cache.end_prefill()  # a held prompt (kvsink prefill: hold) decides its sinks now
+        if scheme.sinks.method == "kvsink" and cache.rows.sink_positions is None:
+            raise UserError("kv-static calibrates the key ranges on the tokens the kvsink sinks leave, but no kvsink "
+                            "predictor offered sinks: run the kvsink method first (the kv_cache section orders them so)")
+        for block_observer, layer in zip(observers, cache.layers):
+            keys = layer.stream_keys()
+            shape = keys.shape[1:]
+            block_observer.observe(keys.flatten(1).T)
+    ranges = [torch.stack(each.range()).reshape(2, *shape) for each in observers]
+    return torch.stack(ranges)
+
+
+def checked_key_ranges(adapter: Adapter, ranges: torch.Tensor | None) -> torch.Tensor:
+    heads = adapter.num_key_value_heads
+    if (ranges is None or ranges.dim() != 4 or ranges.shape[:3] != (adapter.num_blocks, 2, heads)
+            or not bool(ranges.isfinite().all()) or not bool((ranges[:, 0] <= ranges[:, 1]).all())):
+        found = "missing" if ranges is None else f"{tuple(ranges.shape)}"
+        raise CheckpointError(
+            f"kv-static/key_ranges must be finite (low <= high) ({adapter.num_blocks}, 2, {heads}, head_dim) ranges, "
+            f"found {found}: the folder belongs to another model, quantize this one again"
+        )
+    return ranges
+
+
+def install_key_ranges(adapter: Adapter, key_ranges: torch.Tensor) -> HandleSet:
+    """Leave the calibrated key ranges on the model for the caches the backend builds."""
+    model = adapter.model
+    with installing(model, "kv-static") as handles:
+        setattr(model, KEY_RANGES_ATTRIBUTE, key_ranges)
+        handles.on_remove(lambda: model.__dict__.pop(KEY_RANGES_ATTRIBUTE, None))
+    return handles
+
+
 @METHODS.register("kv-static")
 class KVStatic(Method):
     name = "kv-static"
@@ -101,8 +161,18 @@ class KVStatic(Method):
         super().__init__(options)
         self.key_scales: torch.Tensor | None = None  # (blocks, groups)
         self.value_scales: torch.Tensor | None = None
+        self.key_ranges: torch.Tensor | None = None  # keys.ranges calibrated: (blocks, 2, heads, head_dim)
+
+    @property
+    def calibrates_key_ranges(self) -> bool:
+        return self.options.keys.ranges == "calibrated"
 
     def apply(self, context: MethodContext) -> dict[str, Any]:
+        if self.calibrates_key_ranges:
+            self.key_ranges = calibrate_key_ranges(context.adapter, context.calibration_batches, self.options, context.progress)
+            install_key_ranges(context.adapter, self.key_ranges)
+            low, high = self.key_ranges.unbind(1)
+            return {"scheme": self.options.describe(), "key_range_width_mean": (high - low).flatten(1).mean(1).tolist()}
         self.key_scales, self.value_scales = calibrate(context.adapter, context.calibration_batches, self.options, context.progress)
         install(context.adapter, self.key_scales, self.value_scales, self.options.bits)
         largest = qrange(self.options.bits, symmetric=True)[1]
@@ -113,6 +183,8 @@ class KVStatic(Method):
         }
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if self.calibrates_key_ranges:
+            return {"options": self.options.model_dump(mode="json")}, {"key_ranges": self.key_ranges}
         return {"options": self.options.model_dump(mode="json")}, {"key_scales": self.key_scales, "value_scales": self.value_scales}
 
     @classmethod
@@ -121,8 +193,13 @@ class KVStatic(Method):
             method = cls(KVCacheScheme.model_validate(state["options"]))
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"the kv-static state is malformed ({error}): quantize the model again") from None
+        if method.calibrates_key_ranges:
+            method.key_ranges = checked_key_ranges(adapter, tensors.get("key_ranges"))
+            install_key_ranges(adapter, method.key_ranges)
+            return method
         if method.options.scales != "static":
-            raise CheckpointError("the kv-static state holds a scheme with dynamic scales: quantize the model again")
+            raise CheckpointError("the kv-static state holds a scheme with neither static scales nor calibrated key ranges: "
+                                  "quantize the model again")
         groups = 1 if method.options.keys.granularity == "per_tensor" else adapter.num_key_value_heads
         for key in ("key_scales", "value_scales"):
             scales = tensors.get(key)
@@ -136,9 +213,13 @@ class KVStatic(Method):
         install(adapter, method.key_scales, method.value_scales, method.options.bits)
         return method
 
-    def compressed_tensors_kv_cache(self, adapter: Adapter) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def compressed_tensors_kv_cache(self, adapter: Adapter) -> tuple[Optional[dict[str, Any]], dict[str, torch.Tensor]]:
         """compressed-tensors holds a scale of shape (1,) per attention (`tensor`), or
-        (heads, 1, 1) (`attn_head`), under the attention's own name."""
+        (heads, 1, 1) (`attn_head`), under the attention's own name. Calibrated key ranges belong
+        to quantsink's dynamic cache, which no kv_cache_scheme states: none (quantsink's state
+        keeps them)."""
+        if self.calibrates_key_ranges:
+            return None, {}
         shape = (1,) if self.options.keys.granularity == "per_tensor" else (-1, 1, 1)
         names = {id(module): name for name, module in adapter.model.named_modules()}
         tensors = {}

@@ -7,31 +7,55 @@ the residual stream, on the first token and on some delimiters; they stay nearly
 the last layers, and those tokens are the attention sinks. Hence:
 
 Offline, once per model (`apply`, on the calibration text):
-  1. every decoder block's output is watched; per block, each channel's largest |h| over the
-     real tokens is compared with the block's typical token scale: the median over real tokens
-     of their RMS over channels (averaged over batches). A channel is massive at a block when its
-     peak is at least `massive_ratio` times that scale. (The RMS, not the median entry: residual
+  1. every decoder block's output is watched; per block, each channel's ratio is its largest |h|
+     over the real tokens over the block's typical token scale: the median over real tokens of
+     their RMS over channels (averaged over batches). (The RMS, not the median entry: residual
      streams can be sparse, and a median entry near zero would make every channel massive.)
-  2. the emergence layer l_E is the first block with a *stable* massive channel: one that stays
-     massive in at least `stable_fraction` of the blocks from there to the last. Its stable
-     channels, largest first, are the outlier channels; the first one scores tokens.
-  3. the sink threshold is what "massive" means at l_E: `massive_ratio` times its token scale.
+  2. a channel's stable ratio at a block is the largest r such that its ratio is at least r
+     there and in at least `stable_fraction` of the blocks from there to the last. A channel is
+     a stable outlier where its stable ratio reaches the cut-off: `massive_ratio` (Sun et al.'s
+     massive activations) when some channel reaches it, else half the strongest stable ratio
+     found, with a warning that gives the numbers: weak sinks get top-k sinks, never a refusal.
+  3. the emergence layer l_E is the first block with a stable outlier; its stable outliers, by
+     ratio (at most MAX_CHANNELS), are the profile's `channels` and `ratios`.
 
 At inference (`install`): a forward hook on block l_E scores every token of each forward call
-(prefill chunk or decoding step) by |h[l_E]| in the outlier channel, drops those under the
-threshold, and offers the rest to the `SinkQuantizedCache` the call runs with
-(`offer_sinks`): the cache keeps each row's top `num_sinks` and has not quantized any of those
-tokens yet, in any layer. The threshold is quantsink's addition to the paper's plain top-k: a
-prompt with fewer real sinks than `num_sinks` does not spend the budget on ordinary tokens, and
-a delimiter that arrives later (a generated ".") still finds a slot. The hook costs one channel
-read and a comparison per token.
+(prefill chunk or decoding step) and offers the scores to the `SinkQuantizedCache` the call runs
+with (`offer_sinks`), which keeps each row's top `num_sinks` among tokens it has not quantized
+in any layer yet. The score (`score`) is |h[l_E]| in the strongest channel, the paper's, or the
+L2 norm over all the profile's channels (for models whose sinks spread over several).
+`min_score` 0 (the default) is the paper's plain top-k; above 0, tokens scoring under
+`min_score` times the token scale of l_E are never offered, so a prompt with fewer sinks than
+`num_sinks` leaves slots free for a massive token that comes later (a generated "."), at the
+risk of keeping fewer sinks than asked for when the model's are weaker than the cut-off.
+
+Prompts prefilled in several forward calls (`prefill`):
+* `stream` (the default) decides each call's tokens as it runs. A prompt prefilled in one call
+  (what `generate` does unless `prefill_chunk_size` is set) gets exactly the paper's top-k of
+  the prompt; one prefilled in chunks gets, per row, the best of each chunk while slots are
+  free (with `min_score` 0 the first chunk's top-k; later sinks find a slot only if `min_score`
+  left one).
+* `hold` keeps every token of a multi-token call exact and undecided until a one-token call
+  (generate's first decoding step) or `cache.end_prefill()`, then takes the top-k of the whole
+  prompt: the paper's rule under chunked prefill, at the price of the prompt's KV in fp16 until
+  the prompt ends, the peak memory chunked prefill is there to avoid.
+`stream` is the default because it keeps prefill memory bounded and because it is what the
+chunked evaluation measures. `quantsink.evaluate.compare_kv_caches` feeds the text in chunks
+of several tokens, each attending the earlier ones through the cache, with no one-token call:
+under `hold` the whole text would be one held prompt, every chunk would read the earlier ones
+exact and the evaluation would measure no KV quantization at all. To measure what `hold`
+chooses, give a cache the whole text's top-k with `set_sink_positions`, as the tests do (the
+paper's protocol: sinks from the whole sequence, every token reading the quantized cache).
 
 The recipe's `kv_cache.sinks` configures it (quantsink.kv.scheme): `method: kvsink` implies this
 method, `num_sinks` is the cache's budget and `profile` (SinkProfiling) this method's options.
+A folder saved before `min_score` existed keeps the threshold it was profiled with
+(`massive_ratio` times the token scale) and the stream rule.
 """
 from __future__ import annotations
 
 import logging
+import math
 from typing import Annotated, Any
 
 import torch
@@ -51,17 +75,24 @@ from quantsink.registry import METHODS
 
 log = logging.getLogger(__name__)
 
+MAX_CHANNELS = 8  # the profile ranks at most this many outlier channels (Llama-2-7B has 2)
+WEAK_CUTOFF = 0.5  # with no massive channel, outliers are channels at least this share of the strongest
+
 
 class SinkProfile(BaseModel):
-    """What profiling found; saved in OUT/quantsink.json. `scale`: the typical token RMS at l_E;
-    `peak`: the outlier channel's largest |h| there; `layer_ratios`: per block, the largest channel
-    peak over the block's typical token RMS (the evidence, for the report)."""
+    """What profiling found; saved in OUT/quantsink.json. `channels`: the stable outlier
+    channels at l_E, strongest first, and `ratios` their peak |h| over the typical token RMS
+    there (`scale`); `peak`: the first channel's largest |h|; `threshold`: the score a token
+    needs to be offered (`min_score` times `scale`; 0: plain top-k); `layer_ratios`: per block,
+    the largest channel peak over the block's typical token RMS (the evidence, for the report).
+    `ratios` is empty in folders saved before it was recorded."""
 
     model_config = ConfigDict(extra="forbid")
 
     emergence_layer: Annotated[int, Field(ge=0)]
     channels: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-    threshold: Annotated[float, Field(gt=0.0)]
+    ratios: list[float] = []
+    threshold: Annotated[float, Field(ge=0.0)]
     scale: float
     peak: float
     layer_ratios: list[float]
@@ -71,10 +102,23 @@ class SinkProfile(BaseModel):
         return self.channels[0]
 
 
+def stable_ratios(ratios: torch.Tensor, stable_fraction: float) -> torch.Tensor:
+    """(blocks, channels): the largest r such that a channel's ratio is at least r at the block
+    and in at least `stable_fraction` of the blocks from there to the last."""
+    blocks = ratios.shape[0]
+    stable = torch.empty_like(ratios)
+    for block in range(blocks):
+        later = ratios[block:].sort(dim=0, descending=True).values
+        # the k-th largest later ratio, k the fewest blocks that make up stable_fraction of them
+        needed = max(1, math.ceil(stable_fraction * (blocks - block) - 1e-9))
+        stable[block] = torch.minimum(ratios[block], later[needed - 1])
+    return stable
+
+
 def profile_sinks(
     adapter: Adapter, batches: list[dict[str, torch.Tensor]], options: SinkProfiling, progress: bool = True
 ) -> SinkProfile:
-    """Find the emergence layer, the stable outlier channels and the sink threshold (module docstring)."""
+    """Find the emergence layer and the ranked stable outlier channels (module docstring)."""
     blocks = adapter.blocks()
     peaks: list[torch.Tensor | None] = [None] * len(blocks)
     scales: list[list[float]] = [[] for _ in blocks]
@@ -107,50 +151,62 @@ def profile_sinks(
             handle.remove()
 
     scale = torch.tensor([sum(values) / len(values) for values in scales]).clamp_min(1e-12)
-    peak = torch.stack(peaks)  # (blocks, channels)
-    massive = peak >= options.massive_ratio * scale.unsqueeze(1)
-    ratios = (peak.amax(dim=1) / scale).tolist()
-    for layer in range(len(blocks)):
-        later = massive[layer:]
-        stable = massive[layer] & (later.float().mean(dim=0) >= options.stable_fraction)
-        if bool(stable.any()):
-            channels = stable.nonzero().squeeze(-1)
-            channels = channels[peak[layer, channels].argsort(descending=True)]
-            profile = SinkProfile(
-                emergence_layer=layer,
-                channels=channels.tolist(),
-                threshold=options.massive_ratio * float(scale[layer]),
-                scale=float(scale[layer]),
-                peak=float(peak[layer, channels[0]]),
-                layer_ratios=ratios,
-            )
-            log.info(
-                "kvsink: outlier channel %d emerges at block %d (peak %.1f, %.0fx a typical token's RMS)",
-                profile.channel, layer, profile.peak, profile.peak / profile.scale,
-            )
-            return profile
-    strongest = max(range(len(ratios)), key=ratios.__getitem__)
-    raise UserError(
-        f"kvsink found no stable outlier channel: the largest activation is {ratios[strongest]:.0f}x a typical token's RMS "
-        f"(block {strongest}), under massive_ratio {options.massive_ratio:g}; this model shows no massive "
-        "activations on this text, so use sinks: {method: pfn, num_sinks: 1} (or calibrate on more text)"
+    ratios = torch.stack(peaks) / scale.unsqueeze(1)  # (blocks, channels)
+    stable = stable_ratios(ratios, options.stable_fraction)
+    strongest = float(stable.max())
+    cutoff = options.massive_ratio if strongest >= options.massive_ratio else WEAK_CUTOFF * strongest
+    layer = int((stable.amax(dim=1) >= cutoff).nonzero()[0])
+    outliers = (stable[layer] >= cutoff).nonzero().squeeze(-1)
+    channels = outliers[ratios[layer, outliers].argsort(descending=True)][:MAX_CHANNELS]
+    profile = SinkProfile(
+        emergence_layer=layer,
+        channels=channels.tolist(),
+        ratios=ratios[layer, channels].tolist(),
+        threshold=options.min_score * float(scale[layer]),
+        scale=float(scale[layer]),
+        peak=float(ratios[layer, channels[0]] * scale[layer]),
+        layer_ratios=ratios.amax(dim=1).tolist(),
     )
+    ranked = ", ".join(f"{channel} ({ratio:.1f}x)" for channel, ratio in zip(profile.channels, profile.ratios))
+    log.info("kvsink: outlier channels emerge at block %d: %s a typical token's RMS", layer, ranked)
+    if strongest < options.massive_ratio:
+        block, channel = divmod(int(stable.argmax()), stable.shape[1])
+        log.warning(
+            "kvsink: no stable channel reaches massive_ratio %g: the strongest, channel %d from block %d, stays at "
+            "%.1fx a typical token's RMS; profiled channels at block %d: %s. The sinks are weak, so the predicted "
+            "top-k may hold ordinary tokens: compare with sinks: {method: pfn} on held-out text",
+            options.massive_ratio, channel, block, strongest, layer, ranked,
+        )
+    if options.min_score > profile.ratios[0]:
+        log.warning(
+            "kvsink: min_score %g is above the strongest channel's peak on the calibration text (%.1fx a typical "
+            "token's RMS at block %d): few or no tokens will be offered as sinks; lower it (0: plain top-k)",
+            options.min_score, profile.ratios[0], layer,
+        )
+    return profile
 
 
-def install(adapter: Adapter, profile: SinkProfile) -> HandleSet:
-    """Hook block l_E so every forward call offers its tokens' sink scores to its cache; a probe
-    forward proves the hook finds the cache."""
+def install(adapter: Adapter, profile: SinkProfile, options: SinkProfiling = SinkProfiling()) -> HandleSet:
+    """Hook block l_E so every forward call offers its tokens' sink scores to its cache (`options`:
+    how they are scored and whether a prompt is held); a probe forward proves the hook finds the cache."""
     check_profile(adapter, profile)
     block = adapter.blocks()[profile.emergence_layer]
-    channel, threshold = profile.channel, profile.threshold
+    threshold, hold = profile.threshold, options.prefill == "hold"
+    if hold:
+        log.warning(
+            "kvsink prefill: hold keeps a prompt exact until a one-token call or cache.end_prefill(); the chunked "
+            "evaluation (compare_kv_caches, the quantize report, quantsink eval) makes neither, so it would measure "
+            "the cache unquantized: evaluate with prefill: stream"
+        )
+    channels = profile.channels if options.score == "norm" else profile.channels[:1]
     tally = Tally(f"the kvsink sink predictor on decoder block {profile.emergence_layer}")
 
     def offer(_module: nn.Module, _args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         cache = adapter.cache_of_call(kwargs)
         if not isinstance(cache, SinkQuantizedCache) or cache.scheme.sinks.method != "kvsink":
             return
-        scores = hidden_states_of(output)[..., channel].detach().abs().float()
-        cache.offer_sinks(scores.masked_fill(scores < threshold, float("-inf")))
+        scores = hidden_states_of(output)[..., channels].detach().float().norm(dim=-1)
+        cache.offer_sinks(scores.masked_fill(scores < threshold, float("-inf")), hold=hold)
         tally.ran()
 
     with installing(adapter.model, "kvsink") as handles:
@@ -187,7 +243,7 @@ class KVSink(Method):
 
     def apply(self, context: MethodContext) -> dict[str, Any]:
         self.profile = profile_sinks(context.adapter, context.calibration_batches, self.options, context.progress)
-        install(context.adapter, self.profile)
+        install(context.adapter, self.profile, self.options)
         return self.profile.model_dump()
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -200,5 +256,5 @@ class KVSink(Method):
             method.profile = SinkProfile.model_validate(state["profile"])
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"the kvsink state is malformed ({error}): quantize the model again") from None
-        install(adapter, method.profile)
+        install(adapter, method.profile, method.options)
         return method

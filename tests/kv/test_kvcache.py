@@ -27,7 +27,7 @@ from transformers import (
 
 from quantsink.errors import UserError
 from quantsink.evaluate import chunked_log_likelihood, compare_kv_caches
-from quantsink.kv.arithmetic import quantize_groups
+from quantsink.kv.arithmetic import largest_magnitudes, quantize_groups
 from quantsink.kv.cache import SinkQuantizedCache, SinkQuantizedLayer
 from quantsink.kv.scheme import KVCacheScheme
 from quantsink.models.causal_lm import cache_keyword
@@ -219,12 +219,81 @@ def test_outliers_are_kept_exact_and_out_of_the_range():
     x = torch.randn(64, 32, generator=generator)
     x[torch.arange(64), torch.randint(0, 32, (64,), generator=generator)] = 50.0
     plain = quantize_groups(x, bits=3)
-    sparse = quantize_groups(x, bits=3, outliers_per_group=1)
+    sparse = quantize_groups(x, bits=3, outliers=largest_magnitudes(x, 1))
     assert bool((sparse.values[x == 50.0] == 50.0).all())
     assert int(sparse.outliers.sum()) == 64
     assert relative_error(sparse.values, x) < relative_error(plain.values, x) / 5
-    config = KVCacheScheme(outlier_fraction=0.01, group_size=32)
-    assert config.outliers_per_group(32) == 1 and config.outliers_per_group(128) == 2
+    only_outliers = quantize_groups(x[:, :4], bits=2, outliers=torch.ones(64, 4, dtype=torch.bool))
+    assert torch.equal(only_outliers.values, x[:, :4]) and bool(only_outliers.scale.isfinite().all())
+
+
+def test_outliers_per_vector_round_to_the_nearest_and_keep_at_least_one():
+    one_percent = KVCacheScheme(outlier_fraction=0.01)
+    counts = {length: one_percent.outliers_per_vector(length) for length in (16, 128, 149, 150, 250, 4096)}
+    assert counts == {16: 1, 128: 1, 149: 1, 150: 2, 250: 3, 4096: 41}  # halves up; Llama-2-7B's 4096: 41
+    assert KVCacheScheme().outliers_per_vector(4096) == 0
+
+
+def with_outliers(planted: torch.Tensor) -> torch.Tensor:
+    """(1, 2, 32, 16) states ~N(0, 1), with magnitudes 40-60 where `planted` is set."""
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(planted.shape, generator=generator)
+    big = 40 + 20 * torch.rand(int(planted.sum()), generator=generator)
+    states[planted] = big * torch.randn(big.shape, generator=generator).sign()
+    return states
+
+
+def test_per_token_outliers_are_the_largest_of_each_token_vector_over_all_heads():
+    # a token's vector: 2 heads x 16 = 32 entries, 10% of it = 3; all 3 in one group of 4 channels of
+    # head 1, so a rule of so many per group would leave some in that group's range
+    planted = torch.zeros(1, 2, 32, 16, dtype=torch.bool)
+    planted[0, 1, :, 4:7] = True
+    states = with_outliers(planted)
+    config = KVCacheScheme(bits=2, group_size=4, residual_length=0, outlier_fraction=0.1, keys={"granularity": "per_token"})
+    cache = SinkQuantizedCache(config)
+    cache.update(states, states, 0)
+    layer = cache.layers[0]
+    for stored in (layer.keys, layer.values):
+        assert torch.equal(stored[planted], states[planted])
+        assert float((stored - states)[~planted].abs().max()) < 1.5  # the ranges are the N(0, 1) entries' own
+    vectors = states.transpose(1, 2).flatten(2)  # (batch, tokens, heads x head_dim)
+    outliers = largest_magnitudes(vectors, 3).reshape(1, 32, 8, 4)
+    expected = quantize_groups(vectors.reshape(1, 32, 8, 4), bits=2, outliers=outliers).values
+    expected = expected.reshape(1, 32, 2, 16).transpose(1, 2)
+    assert torch.equal(layer.keys, expected) and torch.equal(layer.values, expected)
+
+
+def test_per_channel_key_outliers_are_the_largest_of_each_channel_of_a_group():
+    # a vector: one channel of one head over a group of 16 tokens, 10% of it = 2; planted at tokens 3 and 4 of each group
+    planted = torch.zeros(1, 2, 32, 16, dtype=torch.bool)
+    planted[:, :, [3, 4, 19, 20]] = True
+    states = with_outliers(planted)
+    cache = SinkQuantizedCache(KVCacheScheme(bits=2, group_size=16, residual_length=0, outlier_fraction=0.1))
+    cache.update(states, states, 0)
+    keys = cache.layers[0].keys
+    assert torch.equal(keys[planted], states[planted])
+    assert float((keys - states)[~planted].abs().max()) < 1.5
+    channels = states.reshape(1, 2, 2, 16, 16).movedim(3, -1)  # (batch, heads, groups, head_dim, tokens)
+    expected = quantize_groups(channels, bits=2, outliers=largest_magnitudes(channels, 2)).values
+    assert torch.equal(keys, expected.movedim(-1, 3).reshape(states.shape))
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_token"])
+def test_outliers_cost_their_value_and_index_in_packed_storage(granularity):
+    heads, head_dim, tokens = 2, 32, 100
+    config = KVCacheScheme(bits=4, group_size=32, residual_length=20, outlier_fraction=0.01, keys={"granularity": granularity})
+    memories = []
+    for scheme in (config, config.model_copy(update={"outlier_fraction": 0.0})):
+        cache = SinkQuantizedCache(scheme)
+        for layer in range(2):
+            cache.update(torch.randn(1, heads, tokens, head_dim), torch.randn(1, heads, tokens, head_dim), layer)
+        memories.append(cache.memory())
+    with_outliers_memory, plain = memories
+    # 80 tokens left the window: 80 values and, per token, 80 keys, 1% of 64 entries -> 1 outlier each;
+    # per channel 2 key groups of 32 tokens x 64 channels, 1% of 32 -> 1 outlier per channel and group
+    key_outliers = 2 * 64 if granularity == "per_channel" else 80
+    assert with_outliers_memory.outliers == 2 * (80 + key_outliers) * (2 + 2)  # layers x (fp16 value + 2-byte index)
+    assert with_outliers_memory.total - with_outliers_memory.outliers == plain.total and plain.outliers == 0
 
 
 def test_16_bits_ignores_every_other_option():
