@@ -37,6 +37,8 @@ from quantsink.methods.kvsink import SinkProfile, install
 from quantsink.models import resolve
 from quantsink.recipe import Recipe
 from quantsink.testing.planted_llm import build_planted_llama, planted_segments
+from quantsink.testing.planted_llm_realistic import build_realistic_llama
+from quantsink.testing.sink_lm import heldout_segments, load_sink_lm
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "planted-llama-kv2-kvsink.yaml"
 PARTS = ("perplexity", "baseline", "overhead", "decode")
@@ -66,6 +68,10 @@ class BenchModel:
 
 MODELS = [
     BenchModel("planted Llama (quantsink.testing.planted_llm)", build_planted_llama),
+    BenchModel("realistic planted Llama (quantsink.testing.planted_llm_realistic)", build_realistic_llama),
+    BenchModel("trained sink LM, held-out prose (quantsink.testing.sink_lm)", load_sink_lm),
+    BenchModel("trained sink LM, Bigram-Backcopy (quantsink.testing.sink_lm)", load_sink_lm,
+               lambda tokenizer: heldout_segments(tokenizer, "backcopy", 90)),
 ]
 # kv_cache.sinks of each row; a kvsink entry's profile options configure the predictor quantsink installs
 STRATEGIES = {

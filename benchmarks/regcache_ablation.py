@@ -30,6 +30,7 @@ from quantsink.models import resolve
 from quantsink.recipe import Recipe
 from quantsink.registry import QUANTIZERS
 from quantsink.testing.planted_clip import build_planted_clip
+from quantsink.testing.planted_clip_emergent import build_emergent_clip
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 BIT_WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A8": (4, 8)}
@@ -37,6 +38,8 @@ VARIANTS = ("naive", "prefix-only", "delete-only", "both")
 # (label, builder of a fresh full-precision model, recipe)
 FIXTURES: tuple[tuple[str, Callable[[], nn.Module], str], ...] = (
     ("planted CLIP (sinks planted in block 0)", lambda: build_planted_clip(seed=0), "planted-clip-w8a8-regcache.yaml"),
+    ("emergent CLIP (sinks recruited through attention)", lambda: build_emergent_clip(seed=0),
+     "planted-clip-emergent-w8a8-regcache.yaml"),
 )
 
 

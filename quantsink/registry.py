@@ -158,6 +158,7 @@ for _registry, _entries in (
         "regcache": "quantsink.methods.regcache:RegCache",
         "kvsink": "quantsink.methods.kvsink:KVSink",
         "kv-static": "quantsink.methods.kv_static:KVStatic",
+        "sink-tokens": "quantsink.methods.sink_tokens:SinkTokens",
     }),
     (EXPORT_FORMATS, {
         "fake-quant": "quantsink.exports.fake_quant:FAKE_QUANT",

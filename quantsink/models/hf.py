@@ -411,6 +411,10 @@ class HFTextAdapter(HFAdapter):
             )
         return self.processor
 
+    def token_texts(self, inputs: dict[str, torch.Tensor]) -> list[list[str]]:
+        """Each input's tokens as the tokenizer writes them (what reports name outlier tokens by)."""
+        return [self.tokenizer.convert_ids_to_tokens(ids) for ids in inputs["input_ids"].tolist()]
+
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         """Two tokens, by id: a probe needs no tokenizer."""
         input_ids = torch.tensor([[0, 1]])

@@ -69,6 +69,28 @@ def replace_module(model: nn.Module, qualified_name: str, replacement: nn.Module
     setattr(parent, child_name, replacement)
 
 
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a targeted Linear multiplies by, in float, whichever backend holds it: an int8
+    layer's codes times its scales; torchao's and quanto's weight subclasses dequantize
+    themselves; a float weight (fake-quantized, or not quantized yet) is itself."""
+    own = getattr(module, "dequantized_weight", None)
+    if callable(own):
+        return own()
+    weight = module.weight
+    return weight if type(weight) in (torch.Tensor, nn.Parameter) else weight.dequantize()
+
+
+def observing_inputs(module: nn.Module) -> bool:
+    """Whether a targeted Linear is still being calibrated, so what enters it feeds its input
+    observer (fake and int8 before `freeze`: a FakeQuantLinear calibrating; quanto: a QLinear
+    not frozen; torchao: a plain Linear, whose weight `freeze` swaps for a subclass)."""
+    if hasattr(module, "calibrating"):
+        return bool(module.calibrating)
+    if hasattr(module, "frozen"):
+        return not module.frozen
+    return type(module) is nn.Linear and type(module.weight) is nn.Parameter
+
+
 @dataclass
 class QuantizedLinear:
     """A frozen quantized Linear as integers and scales, whichever backend holds it: what the

@@ -116,6 +116,10 @@ class Int8Linear(nn.Module):
         # a range's own scale maps it inside the code range: nothing to clamp
         return kernels.to_codes(rows, scale, args.bits, kernel, clamp=False), scale.float()
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in float: its codes times their scales."""
+        return self.weight.float() * self.weight_scale.reshape(-1, 1).float()
+
     def packed(self, device: torch.device) -> tuple[kernels.Int8Kernel, Any]:
         """The chosen kernel and this layer's weight packed for it, packed again when the kernel
         or any state tensor changed (identity and in-place version)."""
