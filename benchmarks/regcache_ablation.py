@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 import quantsink
+from quantsink.pipeline import quantize_as_recipe
 from quantsink.data import batched, load_samples
 from quantsink.evaluate import embed_batches, fidelity
 from quantsink.methods.regcache import RegCacheSettings, Registers, install
 from quantsink.models import resolve
 from quantsink.recipe import Recipe
-from quantsink.registry import QUANTIZERS
 from quantsink.testing.planted_clip import build_planted_clip
 from quantsink.testing.planted_clip_emergent import build_emergent_clip
 
@@ -57,11 +57,7 @@ def quantized(build: Callable[[], nn.Module], recipe: Recipe, calibration: list,
     backend prepared after the method, calibrated, frozen."""
     adapter = resolve(build())
     install(adapter, settings, registers)
-    quantizer = QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
-    quantizer.prepare(adapter.model)
-    with quantizer.calibrating(adapter.model):
-        embed_batches(adapter, calibration)
-    quantizer.freeze(adapter.model)
+    quantize_as_recipe(adapter, recipe.quantization, calibration)
     return adapter
 
 

@@ -36,7 +36,7 @@ from quantsink.models import resolve
 from quantsink.models.base import Adapter
 from quantsink.models.probe import require_modules_run, require_runs, tallied_modules
 from quantsink.quantizers.base import Quantizer
-from quantsink.recipe import CalibrationConfig, Recipe
+from quantsink.recipe import CalibrationConfig, QuantizationConfig, Recipe
 from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,14 @@ def quantize(adapter: Adapter, quantizer: Quantizer, calibration: Calibration) -
     quantizer.freeze(adapter.model)
     require_modules_run(adapter, calibration.targets)
     return {"quantized_modules": len(calibration.targets), **quantizer.runtime(adapter.model), "outliers": calibration.stats.summary()}
+
+
+def quantize_as_recipe(adapter: Adapter, config: QuantizationConfig, batches: list[dict[str, Any]]) -> Quantizer:
+    """`config`'s quantizer on `adapter`'s model as `run` applies it after the methods: prepared,
+    calibrated on `batches`, frozen (for ablations that install a method by hand)."""
+    quantizer = QUANTIZERS.get(config.backend)(config)
+    quantize(adapter, quantizer, calibrate(adapter, quantizer, batches, progress=False))
+    return quantizer
 
 
 def evaluate(adapter: Adapter, reference: Any, holdout: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import quantsink
+from quantsink.pipeline import quantize_as_recipe
 from quantsink import cli
 from quantsink.calibration import StatisticsCollector
 from quantsink.data import batched, load_samples
@@ -22,7 +23,6 @@ from quantsink.models.attention import EDITS_ATTRIBUTE, AttentionEdits, KVPrefix
 from quantsink.models.base import hidden_states_of
 from quantsink.models.deletion import take_tokens
 from quantsink.recipe import Recipe
-from quantsink.registry import QUANTIZERS
 from quantsink.testing.planted_clip import build_planted_clip, planted_sinks
 from quantsink.testing.tiny import TINY_FAMILIES, build_tiny
 
@@ -301,12 +301,7 @@ def quantized_holdout(planted, settings) -> torch.Tensor:
     adapter = resolve(str(planted["folder"]))
     if settings is not None:
         install(adapter, settings, planted["result"].methods[0].registers)
-    config = planted["recipe"].quantization
-    quantizer = QUANTIZERS.get(config.backend)(config)
-    quantizer.prepare(adapter.model)
-    with quantizer.calibrating(adapter.model):
-        embed_batches(adapter, planted["calibration"])
-    quantizer.freeze(adapter.model)
+    quantize_as_recipe(adapter, planted["recipe"].quantization, planted["calibration"])
     return embed_batches(adapter, planted["holdout"])
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import quantsink
+from quantsink.pipeline import quantize_as_recipe
 from quantsink.errors import UserError
 from quantsink.data import batched, load_samples
 from quantsink.evaluate import embed_batches, fidelity
@@ -15,7 +16,6 @@ from quantsink.methods.regcache.search import start_range
 from quantsink.models.attention import edits_of
 from quantsink.models import resolve
 from quantsink.recipe import Recipe
-from quantsink.registry import QUANTIZERS
 from quantsink.testing.planted_clip import build_planted_clip, planted_sinks
 from quantsink.testing.planted_clip_emergent import build_emergent_clip
 from quantsink.testing.tiny import build_tiny
@@ -140,11 +140,7 @@ def test_on_the_emergent_fixture_both_parts_beat_each_part_tuned_on_its_own_at_w
     def centered(settings: RegCacheSettings) -> float:
         adapter = resolve(build())
         install(adapter, settings, method.registers)
-        quantizer = QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
-        quantizer.prepare(adapter.model)
-        with quantizer.calibrating(adapter.model):
-            embed_batches(adapter, calibration)
-        quantizer.freeze(adapter.model)
+        quantize_as_recipe(adapter, recipe.quantization, calibration)
         return fidelity(reference, embed_batches(adapter, holdout))["centered_cosine_mean"]
 
     validation = method.report["validation"]

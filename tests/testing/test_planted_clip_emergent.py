@@ -16,8 +16,8 @@ from quantsink.methods.regcache.install import sequence_maxima
 from quantsink.methods.regcache.profile import CalibrationImages, reference_pass
 from quantsink.methods.regcache.registers import average_registers, candidates
 from quantsink.models import resolve
+from quantsink.pipeline import quantize_as_recipe
 from quantsink.recipe import Recipe
-from quantsink.registry import QUANTIZERS
 from quantsink.testing.planted_clip import planted_clip_inputs
 from quantsink.testing.planted_clip_emergent import build_emergent_clip, emergent_sinks
 
@@ -115,11 +115,7 @@ def w8a8(bench, settings):
     adapter = resolve(build_emergent_clip(seed=0))
     if settings is not None:
         install(adapter, settings, registers)
-    quantizer = QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
-    quantizer.prepare(adapter.model)
-    with quantizer.calibrating(adapter.model):
-        embed_batches(adapter, calibration)
-    quantizer.freeze(adapter.model)
+    quantize_as_recipe(adapter, recipe.quantization, calibration)
     centered = fidelity(reference, embed_batches(adapter, holdout))["centered_cosine_mean"]
     return centered, sequence_maxima(adapter, L_Q, holdout)["fc2_input"]
 
