@@ -176,8 +176,20 @@ def planted_segments(
 
 
 # --- the plan -----------------------------------------------------------------------------
+class ConfigPlan:
+    """A frozen dataclass of what a fixture planted, kept in the model's config as a plain dict
+    (so it survives save_pretrained/from_pretrained); JSON turns its tuples into lists."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
+
+
 @dataclass(frozen=True)
-class PlantedLlamaPlan:
+class PlantedLlamaPlan(ConfigPlan):
     """What `build_planted_llama` planted (layer indices 0-based, channels of the residual stream)."""
 
     emergence_layer: int  # its MLP writes the massive activations
@@ -186,12 +198,6 @@ class PlantedLlamaPlan:
     parking_layers: tuple[int, ...]  # layers whose heads all park their attention on the sinks
     cancel_layer: int  # its MLP removes the massive activations before the readout
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PlantedLlamaPlan":
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
 
 
 def planted_llama_plan(model: LlamaForCausalLM) -> PlantedLlamaPlan:

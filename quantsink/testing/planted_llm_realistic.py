@@ -59,7 +59,6 @@ KL is a quarter); compare KL.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ from quantsink import io
 from quantsink.errors import UserError
 from quantsink.testing.planted_llm import (
     BIAS, CODE, CUR, EMERGENCE_LAYER, FILL, FLAG, HEAD_DIM, HEADS, HIDDEN, IDENTITY, KV_HEADS, LAYERS,
-    MASSIVE_NEG, MASSIVE_POS, Knobs, _Builder, _orthonormal_rows, _shuffle_residual, _unit, build_tokenizer,
+    MASSIVE_NEG, MASSIVE_POS, ConfigPlan, Knobs, _Builder, _orthonormal_rows, _shuffle_residual, _unit, build_tokenizer,
 )
 
 COUNT = 200  # residual channel (design basis): the share of delimiters among [BOS] and the delimiters so far
@@ -111,7 +110,7 @@ class RealisticKnobs:
 
 
 @dataclass(frozen=True)
-class RealisticLlamaPlan:
+class RealisticLlamaPlan(ConfigPlan):
     """What `build_realistic_llama` planted (layer indices 0-based, channels of the residual stream)."""
 
     emergence_layer: int
@@ -121,12 +120,6 @@ class RealisticLlamaPlan:
     parking_layers: tuple[int, ...]
     outlier_dims: tuple[int, ...]  # head dimensions where every ordinary key of a parking head is large
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RealisticLlamaPlan":
-        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in data.items()})
 
 
 def realistic_llama_plan(model: LlamaForCausalLM) -> RealisticLlamaPlan:
