@@ -317,12 +317,16 @@ class _Builder:
         """RMSNorm(x) of such a sink in the two massive channels (the same for any scale, nearly)."""
         return tuple(self.root_d * scale * m / self.sink_norm(scale) for m in self.knobs.massive)
 
-    def build(self) -> None:
+    def blank(self) -> None:
+        """Every weight 0 and every norm gain 1: what each construction starts from."""
         for parameter in self.model.parameters():
             parameter.zero_()
         for name, parameter in self.model.named_parameters():
             if "norm" in name:
                 parameter.fill_(1.0)
+
+    def build(self) -> None:
+        self.blank()
         self.embed()
         self.previous_token_head()
         self.emergence()

@@ -170,11 +170,7 @@ class _RealisticBuilder(_Builder):
         self.massive_split = split / split.norm()
 
     def build(self) -> None:
-        for parameter in self.model.parameters():
-            parameter.zero_()
-        for name, parameter in self.model.named_parameters():
-            if "norm" in name:
-                parameter.fill_(1.0)
+        self.blank()
         self.embed()
         self.previous_token_head()
         self.counting_head()
