@@ -1,15 +1,15 @@
 """The arithmetic of the dynamic KV cache: asymmetric min-max quantization of groups (KIVI) with
 dense-and-sparse outliers picked per vector (KVQuant), the rotation that pre-RoPE keys are taken
-out of and put back into, and the replacement of chosen tokens by their read-back; and the
-rounding of static KV scales as a compressed-tensors loader applies them."""
+out of and put back into, as integer codes and ranges that packed storage keeps and reads back
+bit for bit; and the rounding of static KV scales as a compressed-tensors loader applies them."""
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from quantsink.quantizers.functional import fake_quantize, qparams_from_range, signed_grid_shift
+from quantsink.quantizers.functional import MIN_SCALE, fake_quantize, quantize, signed_grid_shift
 
 
 class GroupQuantization(NamedTuple):
@@ -22,13 +22,54 @@ class GroupQuantization(NamedTuple):
     outliers: torch.Tensor
 
 
+def largest_magnitude_indices(x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool mask, indices) of the `count` largest-magnitude entries of every vector along the
+    last dimension of `x` (KVQuant's per-vector outliers); the indices as topk orders them."""
+    chosen = torch.zeros_like(x, dtype=torch.bool)
+    if not count:
+        return chosen, torch.zeros(*x.shape[:-1], 0, dtype=torch.long, device=x.device)
+    indices = x.abs().topk(count, dim=-1).indices
+    return chosen.scatter_(-1, indices, True), indices
+
+
 def largest_magnitudes(x: torch.Tensor, count: int) -> torch.Tensor:
     """Bool mask of the `count` largest-magnitude entries of every vector along the last
     dimension of `x` (KVQuant's per-vector outliers)."""
-    chosen = torch.zeros_like(x, dtype=torch.bool)
-    if count:
-        chosen.scatter_(-1, x.abs().topk(count, dim=-1).indices, True)
-    return chosen
+    return largest_magnitude_indices(x, count)[0]
+
+
+def group_ranges(x: torch.Tensor, outliers: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low, high) of every group along the last dimension of `x` (kept as size 1), in float32,
+    the entries `outliers` marks left out; a group made only of outliers has range 0. Both are
+    entries of `x` (or 0), so x's own dtype holds them exactly: packed storage keeps them there."""
+    work = x.float()
+    if outliers is None:
+        return work.amin(dim=-1, keepdim=True), work.amax(dim=-1, keepdim=True)
+    dense = ~outliers.all(dim=-1, keepdim=True)
+    low = work.masked_fill(outliers, math.inf).amin(dim=-1, keepdim=True).where(dense, 0.0)
+    high = work.masked_fill(outliers, -math.inf).amax(dim=-1, keepdim=True).where(dense, 0.0)
+    return low, high
+
+
+def range_scale(low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float32 step of the 2^bits levels from `low` to `high`; their zero point is 0. What
+    `qparams_from_range(0, high - low, bits, symmetric=False)` computes (high >= low), in two
+    operations: every read-back of packed storage recomputes it."""
+    return ((high.float() - low.float()) / (2**bits - 1)).clamp_min(MIN_SCALE)
+
+
+def codes_in_range(work: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer codes (as floats) of float32 `work` on the 2^bits levels from `low` to `high`
+    (broadcast against it); values beyond the range clip."""
+    scale = range_scale(low, high, bits)
+    return quantize(work - low.float(), scale, torch.zeros_like(scale), bits, symmetric=False)
+
+
+def read_back(codes: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 codes * scale + low, computed in place in `codes`: what `codes_in_range` codes
+    stand for. Two roundings in this order, never fused into one, so packed storage reads back
+    what the arithmetic computed."""
+    return codes.mul_(range_scale(low, high, bits)).add_(low.float())
 
 
 def quantize_groups(x: torch.Tensor, bits: int, outliers: Optional[torch.Tensor] = None) -> GroupQuantization:
@@ -37,11 +78,9 @@ def quantize_groups(x: torch.Tensor, bits: int, outliers: Optional[torch.Tensor]
     group made only of outliers has range 0."""
     work = x.float()
     outliers = torch.zeros_like(work, dtype=torch.bool) if outliers is None else outliers
-    dense = ~outliers.all(dim=-1, keepdim=True)
-    low = work.masked_fill(outliers, math.inf).amin(dim=-1, keepdim=True).where(dense, 0.0)
-    high = work.masked_fill(outliers, -math.inf).amax(dim=-1, keepdim=True).where(dense, 0.0)
-    scale, dequantized = _onto_range(work, low, high, bits)
-    return GroupQuantization(torch.where(outliers, work, dequantized).to(x.dtype), scale, low, outliers)
+    low, high = group_ranges(work, outliers)
+    dequantized = read_back(codes_in_range(work, low, high, bits), low, high, bits)
+    return GroupQuantization(torch.where(outliers, work, dequantized).to(x.dtype), range_scale(low, high, bits), low, outliers)
 
 
 def quantize_in_range(
@@ -51,14 +90,8 @@ def quantize_in_range(
     broadcast against `x`; values beyond it clip), the entries `outliers` marks kept exact: the
     arithmetic of `quantize_groups` with a calibrated range."""
     work = x.float()
-    dequantized = _onto_range(work, low.float(), high.float(), bits)[1]
+    dequantized = read_back(codes_in_range(work, low, high, bits), low, high, bits)
     return (dequantized if outliers is None else torch.where(outliers, work, dequantized)).to(x.dtype)
-
-
-def _onto_range(work: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, read-back) of float `work` on the 2^bits levels from `low` to `high`."""
-    scale, zero_point = qparams_from_range(torch.zeros_like(low), high - low, bits, symmetric=False)
-    return scale, fake_quantize(work - low, scale, zero_point, bits, symmetric=False) + low
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -76,18 +109,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     return torch.cat([rotated * cos + turned, passed], dim=-1)
 
 
-def requantize(states: torch.Tensor, select: torch.Tensor, quantizer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`states` (batch, heads, length, head_dim) with the tokens chosen by `select` (batch,
-    length) replaced by `quantizer`'s read-back; `quantizer` gets them as (tokens, heads,
-    head_dim) in row-major order, so each row's tokens are consecutive and in order."""
-    if not bool(select.any()):
-        return states
-    stored = states.clone()
-    by_token = stored.transpose(1, 2)
-    by_token[select] = quantizer(by_token[select])
-    return stored
-
-
 def fake_quantize_signed_grid(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Static symmetric fake quantization as compressed-tensors computes it when transformers
     loads a checkpoint (`forward_quantize`): round(clamp(x / scale, -2^(b-1), 2^(b-1) - 1)) *
@@ -96,3 +117,16 @@ def fake_quantize_signed_grid(x: torch.Tensor, scale: torch.Tensor, bits: int) -
     point gives the same values (clamping before or after rounding agrees on integer bounds)."""
     scale = scale.to(x)
     return fake_quantize(x, scale, torch.full_like(scale, signed_grid_shift(bits, symmetric=False)), bits, symmetric=False)
+
+
+FLOAT8 = torch.float8_e4m3fn
+FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448: the scale maps the calibrated |x| max there
+
+
+def fake_quantize_float8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static fp8 (e4m3) fake quantization as compressed-tensors computes it for `type: float`,
+    8 bits, when transformers loads a checkpoint: x / scale clamped to +-448, cast to
+    float8_e4m3fn (round to nearest even) and back to x's dtype, times scale, with the scale cast
+    to x's dtype first, as a loaded model holds it."""
+    scale = scale.to(x)
+    return (x / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8).to(x.dtype) * scale

@@ -7,8 +7,8 @@ way while keeping attention-sink tokens in full precision (KVSink, arXiv 2508.04
     cache.set_attention_mask(inputs["attention_mask"])   # left padding: never in any range
     model.generate(**inputs, past_key_values=cache)      # kvsink: a hook calls cache.offer_sinks (transformers >= 5.24: cache=)
 
-How it quantizes a `scales: dynamic` scheme (quantsink.kv.scheme; every choice below is what the numbers of real packed storage would be; the cache keeps
-the dequantized values so that attention reads exactly what packed storage would give back):
+How it quantizes a `scales: dynamic` scheme (quantsink.kv.scheme), and stores it packed
+(quantsink.kv.storage):
 
 * Stream. Per row, the tokens that get quantized are the row's real tokens (not padding) that
   are not sinks, in order. Sinks and padding never enter a group, so no scale or offset ever
@@ -59,10 +59,21 @@ the dequantized values so that attention reads exactly what packed storage would
     offered scores are ignored.
 * Tokens a forward call adds are returned to attention in full precision (the current chunk
   attends to itself exactly, as in KIVI's prefill); earlier tokens are read back as stored.
+* Storage, per layer and kind: the codes bit-packed into uint8 (2, 3 and 4 bits packed, 8 bits
+  plain; quantsink.kv.packing), each group's low and high in the model's dtype (fp16 for an fp16
+  model, fp32 for the fp32 fixtures; both are entries of the group, so that dtype holds them
+  exactly), the outliers sparse (exact value and int16 index within its vector), the residual
+  window, undecided tokens and the incomplete key group in an exact tail, the sinks that left it
+  in an exact side buffer with their columns. Reads dequantize each layer on the fly, a chunk of
+  slots at a time, into a transient tensor that attention gets; nothing dequantized is kept. The
+  read-back is bit for bit what the arithmetic computes (the step is recomputed in float32 from
+  low and high): the same values, in fp32 and in fp16, as the simulation that kept dequantized
+  floats before (tests/kv/test_packed_storage.py). Padding is not stored and reads back as zeros
+  (attention masks it).
 
 `bits=16` stores nothing quantized and returns exactly what transformers' `DynamicCache` does.
-Memory is accounted for by `SinkQuantizedCache.memory()` as packed storage would cost it, with
-fp16 for every full-precision value, scale and offset.
+`SinkQuantizedCache.memory()` accounts for the packed storage at 2 bytes per full-precision
+value, range and outlier, and measures the bytes the cache's tensors hold (`KVMemory`).
 """
 from __future__ import annotations
 
@@ -76,17 +87,21 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from quantsink.errors import UserError
-from quantsink.kv.arithmetic import largest_magnitudes, quantize_groups, quantize_in_range, requantize, rotate
+from quantsink.kv.arithmetic import rotate
 from quantsink.kv.scheme import KVCacheScheme
-from quantsink.kv.storage import EMPTY, KVMemory, Rows, packed_memory
-from quantsink.quantizers.functional import MIN_SCALE
+from quantsink.kv.storage import EMPTY, ExactColumns, KVMemory, PackedTokens, Rows, held_bytes, packed_memory
 
+# slots dequantized at once when reading: a few MB of float32 intermediates
+READ_CHUNK = 1024
 RotaryEmbedding = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class SinkQuantizedLayer(DynamicLayer):
-    """One layer of `SinkQuantizedCache`. `keys` / `values` hold what attention reads back:
-    dequantized where stored quantized, exact elsewhere."""
+    """One layer of `SinkQuantizedCache`. Its stored tokens live in packed storage
+    (quantsink.kv.storage): per kind, `PackedTokens` for the stream tokens stored quantized and
+    `ExactColumns` for the rest. `keys` / `values` give what attention reads back, dequantized
+    where stored quantized and exact elsewhere (padding reads back as zeros): a tensor built on
+    each access, never kept."""
 
     is_croppable = False
 
@@ -99,97 +114,199 @@ class SinkQuantizedLayer(DynamicLayer):
         self.rows = rows
         self.rotary_embedding = rotary_embedding
         self.key_range = key_range  # keys.ranges calibrated: (2, heads, head_dim), low then high
-        # Per row, how many stream tokens have their keys / values stored quantized.
-        self.quantized_keys: Optional[torch.Tensor] = None
-        self.quantized_values: Optional[torch.Tensor] = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.length = 0
+        self.exact: dict[str, ExactColumns] = {}
+        self.packed: dict[str, PackedTokens] = {}
+
+    # what attention reads: built from storage, so the base class's assignments must be resets
+    @property
+    def keys(self) -> Optional[torch.Tensor]:
+        return self._read("keys") if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value: Optional[torch.Tensor]) -> None:
+        self._refuse_assignment(value)
+
+    @property
+    def values(self) -> Optional[torch.Tensor]:
+        return self._read("values") if self.is_initialized else None
+
+    @values.setter
+    def values(self, value: Optional[torch.Tensor]) -> None:
+        self._refuse_assignment(value)
+
+    @staticmethod
+    def _refuse_assignment(value: Optional[torch.Tensor]) -> None:
+        if value is not None:
+            raise NotImplementedError("SinkQuantizedCache layers hold packed storage; their keys and values cannot be "
+                                      "assigned (offloading and other in-place edits need a DynamicCache)")
+
+    @property
+    def quantized_keys(self) -> Optional[torch.Tensor]:
+        """Per row, how many stream tokens have their keys stored quantized."""
+        return self._count("keys")
+
+    @property
+    def quantized_values(self) -> Optional[torch.Tensor]:
+        return self._count("values")
+
+    def _count(self, kind: str) -> Optional[torch.Tensor]:
+        if not self.is_initialized:
+            return None
+        return self.packed[kind].count if kind in self.packed else torch.zeros(self.batch, dtype=torch.long, device=self.device)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch, self.heads, _, self.head_dim = key_states.shape
+        num_sinks = self.scheme.sinks.num_sinks
+        self.exact = {"keys": ExactColumns(num_sinks), "values": ExactColumns(num_sinks)}
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.rows.check_batch(key_states.shape[0])
-            counts = torch.zeros(key_states.shape[0], dtype=torch.long, device=key_states.device)
-            self.quantized_keys, self.quantized_values = counts, counts.clone()
         self.rows.check_decided(self.get_seq_length())
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        self.keys, self.values = self._store(keys, values) if self.scheme.quantizes else (keys, values)
-        return keys, values
+        self.exact["keys"].append(key_states)
+        self.exact["values"].append(value_states)
+        self.length += key_states.shape[-2]
+        # read before storing: the tokens of this call reach attention exact
+        read = self._read("keys"), self._read("values")
+        if self.scheme.quantizes:
+            self._store()
+        return read
 
     def store_decided(self) -> None:
-        """Quantize what became storable when `offer_sinks` decided this layer's newest tokens.
-        `_store` clones before writing, so the states attention already got stay exact."""
+        """Quantize what became storable when `offer_sinks` decided this layer's newest tokens."""
         if self.is_initialized and self.scheme.quantizes:
-            self.keys, self.values = self._store(self.keys, self.values)
+            self._store()
 
-    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize the stream tokens that left the residual window since the last call."""
+    def _streams(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(real, sinks, stream) (batch, length) bool masks of the cached columns."""
+        real = self.rows.real(self.batch, self.length, self.device)
+        sinks = self.rows.sinks(real)
+        return real, sinks, real & ~sinks
+
+    def _store(self) -> None:
+        """Quantize the stream tokens that left the residual window since the last call, and drop
+        them from the exact columns."""
         scheme = self.scheme
-        batch, _, length, head_dim = keys.shape
-        real = self.rows.real(batch, length, keys.device)
-        stream = real & ~self.rows.sinks(real)
+        group = min(scheme.group_size, self.head_dim)
+        if not self.length:
+            return
+        if self.head_dim % group:
+            raise UserError(f"group_size {scheme.group_size} does not divide head_dim {self.head_dim}: "
+                            f"pick a divisor of {self.head_dim}")
+        real, sinks, stream = self._streams()
         real_index = real.cumsum(-1) - 1
         leaving = stream & (real_index < real.sum(-1, keepdim=True) - scheme.residual_length)
         # undecided tokens are the newest columns, so what leaves stays a prefix of each row's stream
-        leaving[:, self.rows.decided_length(length) :] = False
+        leaving[:, self.rows.decided_length(self.length) :] = False
         stream_index = stream.cumsum(-1) - 1
         done = leaving.sum(-1)
-        group = min(scheme.group_size, head_dim)
-        if head_dim % group:
-            raise UserError(f"group_size {scheme.group_size} does not divide head_dim {head_dim}: pick a divisor of {head_dim}")
-
-        def newly(already: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
-            return stream & (stream_index >= already.unsqueeze(-1)) & (stream_index < upto.unsqueeze(-1))
-
-        values = requantize(values, newly(self.quantized_values, done), partial(self._per_token, group=group))
-        self.quantized_values = done
         grouped_keys = scheme.keys.granularity == "per_channel" and scheme.keys.ranges == "group"
-        key_done = done - done % scheme.group_size if grouped_keys else done
-        if scheme.keys.ranges == "calibrated":
-            key_quantizer = self._calibrated
-        else:
-            key_quantizer = self._per_channel if grouped_keys else partial(self._per_token, group=group)
-        select = newly(self.quantized_keys, key_done)
-        if scheme.keys.pre_rope:
-            key_quantizer = partial(self._pre_rope, key_quantizer, positions=real_index[select])
-        keys = requantize(keys, select, key_quantizer)
-        self.quantized_keys = key_done
-        return keys, values
+        targets = {"values": done, "keys": done - done % scheme.group_size if grouped_keys else done}
+        for kind, upto in targets.items():
+            store = self._packed(kind, group)
+            exact = self.exact[kind]
+            select = stream & (stream_index >= store.count.unsqueeze(-1)) & (stream_index < upto.unsqueeze(-1))
+            if bool(select.any()):
+                picked = exact.tail.transpose(1, 2)[select[:, exact.start :]]
+                if kind == "keys" and scheme.keys.pre_rope:
+                    cos, sin = self._rotation(picked, real_index[select])
+                    picked = rotate(picked, cos, sin, inverse=True)
+                store.store(picked, upto - store.count)
+            pending = stream & (stream_index >= store.count.unsqueeze(-1))
+            first = torch.where(pending.any(-1), pending.int().argmax(-1), self.length)
+            exact.trim(int(first.min()), sinks)
 
-    def _per_token(self, picked: torch.Tensor, group: int) -> torch.Tensor:
-        """picked: (tokens, heads, head_dim) -> groups of `group` channels of one token."""
-        grouped = picked.reshape(*picked.shape[:-1], -1, group)
-        vectors = picked.flatten(1)
-        outliers = largest_magnitudes(vectors, self.scheme.outliers_per_vector(vectors.shape[-1])).reshape(grouped.shape)
-        return quantize_groups(grouped, self.scheme.bits, outliers).values.reshape(picked.shape)
+    def _packed(self, kind: str, group: int) -> PackedTokens:
+        if kind not in self.packed:
+            scheme = self.scheme
+            vector = self.heads * self.head_dim
+            layout, unit, outliers = "token", 1, scheme.outliers_per_vector(vector)
+            if kind == "keys" and scheme.keys.ranges == "calibrated":
+                layout = "range"
+                self._check_key_range()
+            elif kind == "keys" and scheme.keys.granularity == "per_channel":
+                layout, unit, outliers = "channel", scheme.group_size, scheme.outliers_per_vector(scheme.group_size)
+            self.packed[kind] = PackedTokens(layout, scheme.bits, self.batch, self.heads, self.head_dim, group, unit, outliers,
+                                             self.dtype, self.device, self.key_range if layout == "range" else None)
+        return self.packed[kind]
 
-    def _per_channel(self, picked: torch.Tensor) -> torch.Tensor:
-        """picked: (tokens, heads, head_dim), each row's tokens consecutive and a whole number of
-        groups -> per channel over `group_size` consecutive tokens."""
-        size = self.scheme.group_size
-        grouped = picked.reshape(-1, size, *picked.shape[1:]).movedim(1, -1)
-        outliers = largest_magnitudes(grouped, self.scheme.outliers_per_vector(size))
-        return quantize_groups(grouped, self.scheme.bits, outliers).values.movedim(-1, 1).reshape(picked.shape)
-
-    def _calibrated(self, picked: torch.Tensor) -> torch.Tensor:
-        """picked: (tokens, heads, head_dim) -> each channel on the grid of its calibrated range.
-        A token's outliers are the entries farthest out of their channel's range, relative to its
-        width (KVQuant's per-channel outlier thresholds, as a per-vector count)."""
-        if self.key_range is None or self.key_range.shape[1:] != picked.shape[1:]:
+    def _check_key_range(self) -> None:
+        expected = (2, self.heads, self.head_dim)
+        if self.key_range is None or tuple(self.key_range.shape) != expected:
             found = None if self.key_range is None else tuple(self.key_range.shape)
-            raise UserError(f"keys.ranges calibrated needs a (2, {picked.shape[1]}, {picked.shape[2]}) key range per layer, "
+            raise UserError(f"keys.ranges calibrated needs a {expected} key range per layer, "
                             f"found {found}: the ranges belong to another model, calibrate this one (quantsink.quantize)")
-        low, high = self.key_range.to(picked.device)
-        count = self.scheme.outliers_per_vector(picked.shape[1] * picked.shape[2])
-        outliers = None
-        if count:
-            spread = (2 * picked.float() - (low + high)).abs() / (high - low).clamp_min(MIN_SCALE)
-            outliers = largest_magnitudes(spread.flatten(1), count).reshape(picked.shape)
-        return quantize_in_range(picked, low, high, self.scheme.bits, outliers)
 
-    def _pre_rope(self, quantizer, picked: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Quantize the un-rotated keys (at real-token `positions`), then rotate the read-back."""
-        cos, sin = self._rotation(picked, positions)
-        return rotate(quantizer(rotate(picked, cos, sin, inverse=True)), cos, sin)
+    def _read(self, kind: str) -> torch.Tensor:
+        """(batch, heads, length, head_dim): what attention reads back of `kind` (class docstring)."""
+        exact = self.exact[kind]
+        store = self.packed.get(kind)
+        tokens = int(store.count.max()) if store is not None else 0
+        if exact.start == 0 and not tokens:
+            return exact.tail
+        real, _, stream = self._streams()
+        out = (torch.empty if bool(real[:, : exact.start].all()) else torch.zeros)(
+            self.batch, self.heads, self.length, self.head_dim, dtype=self.dtype, device=self.device)
+        exact.place(out)
+        if tokens:
+            self._place_stored(out, kind, store, tokens, real, stream)
+        return out
+
+    def _place_stored(self, out: torch.Tensor, kind: str, store: PackedTokens, tokens: int, real: torch.Tensor,
+                      stream: torch.Tensor) -> None:
+        """Dequantize the stored tokens a chunk of slots at a time (its float32 intermediates stay
+        in the processor's cache) and write each chunk into its columns of `out`."""
+        rows, columns, slots = self._stored_columns(stream, store.count)
+        # rows alike (batch 1, no padding): each row's slots are a few runs of consecutive columns between sinks
+        alike = bool((store.count == tokens).all()) and bool((stream == stream[:1]).all())
+        if alike:
+            first = columns[: tokens]
+            breaks = (torch.nonzero(first.diff() != 1).flatten() + 1).tolist()
+            starts = [0, *breaks]
+            runs = [(begin, int(first[begin]), end - begin) for begin, end in zip(starts, [*breaks, tokens])]
+        rotated = kind == "keys" and self.scheme.keys.pre_rope
+        if rotated:
+            positions = torch.zeros(self.batch, tokens, dtype=torch.long, device=self.device)
+            positions[rows, slots] = (real.cumsum(-1) - 1)[rows, columns]
+        chunk = max(store.unit, READ_CHUNK // store.unit * store.unit)
+        for start in range(0, tokens, chunk):
+            stop = min(tokens, start + chunk)
+            part = store.read(start, stop)
+            if rotated:
+                part = self._rotated(part.to(self.dtype), positions[:, start:stop])
+            if alike:
+                for slot, column, size in runs:
+                    low, high = max(slot, start), min(slot + size, stop)
+                    if low < high:
+                        out[:, :, column + low - slot : column + high - slot] = part[:, :, low - start : high - start]
+            else:
+                inside = (slots >= start) & (slots < stop)
+                chunk_rows = rows[inside]
+                out.transpose(1, 2)[chunk_rows, columns[inside]] = part.transpose(1, 2)[chunk_rows, slots[inside] - start].to(self.dtype)
+
+    @staticmethod
+    def _stored_columns(stream: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, column, slot) of every stored token: each row's first `count` stream columns."""
+        stream_index = stream.cumsum(-1) - 1
+        rows, columns = (stream & (stream_index < count.unsqueeze(-1))).nonzero(as_tuple=True)
+        return rows, columns, stream_index[rows, columns]
+
+    def _rotated(self, stored: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE keys (batch, heads, slots, head_dim) rotated at `positions` (batch, slots)."""
+        batch, heads, slots, head_dim = stored.shape
+        by_token = stored.transpose(1, 2).reshape(batch * slots, heads, head_dim)
+        cos, sin = self._rotation(by_token, positions.flatten())
+        return rotate(by_token, cos, sin).reshape(batch, slots, heads, head_dim).transpose(1, 2)
 
     def _rotation(self, picked: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of the model's RoPE for (tokens, heads, head_dim) keys at `positions`."""
@@ -200,9 +317,7 @@ class SinkQuantizedLayer(DynamicLayer):
         """(tokens, heads, head_dim): the keys of every stream token (real, not a sink) held now,
         as the key quantizer gets them (un-rotated under pre_rope), for calibrating key ranges on
         a cache that stores nothing quantized (quantsink.methods.kv_static)."""
-        batch, _, length, _ = self.keys.shape
-        real = self.rows.real(batch, length, self.keys.device)
-        stream = real & ~self.rows.sinks(real)
+        real, _, stream = self._streams()
         picked = self.keys.transpose(1, 2)[stream]
         if self.scheme.keys.pre_rope:
             cos, sin = self._rotation(picked, (real.cumsum(-1) - 1)[stream])
@@ -213,10 +328,9 @@ class SinkQuantizedLayer(DynamicLayer):
     def take_rows(self, index: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        self.keys = self.keys[index.to(self.keys.device)]
-        self.values = self.values[index.to(self.values.device)]
-        self.quantized_keys = self.quantized_keys[index.to(self.quantized_keys.device)]
-        self.quantized_values = self.quantized_values[index.to(self.quantized_values.device)]
+        for part in (*self.exact.values(), *self.packed.values()):
+            part.take(index)
+        self.batch = len(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.take_rows(beam_idx)
@@ -226,7 +340,7 @@ class SinkQuantizedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.take_rows(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
+            self.take_rows(torch.arange(self.batch, device=self.device).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -235,16 +349,21 @@ class SinkQuantizedLayer(DynamicLayer):
         )
 
     def reset(self) -> None:
-        super().reset()
-        self.quantized_keys = self.quantized_values = None
+        self.is_initialized = False
+        self._clear()
 
     # --- accounting -----------------------------------------------------------------------
+    def tensors(self) -> list[Optional[torch.Tensor]]:
+        """Every tensor this layer holds (for measuring them)."""
+        parts = [*self.exact.values(), *self.packed.values()]
+        return [tensor for part in parts for tensor in part.tensors()]
+
     def memory(self, real_tokens: torch.Tensor) -> KVMemory:
         """Packed-storage bytes of this layer, given each row's number of real tokens."""
-        if not self.is_initialized or self.keys.numel() == 0:
+        if not self.is_initialized or self.length == 0:
             return EMPTY
         keys, values, tokens = (int(t.sum()) for t in (self.quantized_keys, self.quantized_values, real_tokens))
-        return packed_memory(self.scheme, self.keys.shape[1], self.keys.shape[-1], keys, values, tokens)
+        return packed_memory(self.scheme, self.heads, self.head_dim, keys, values, tokens)
 
 
 class SinkQuantizedCache(Cache):
@@ -382,15 +501,17 @@ class SinkQuantizedCache(Cache):
                 layer.store_decided()
 
     def memory(self) -> KVMemory:
-        """Packed-storage accounting over all layers (see `KVMemory`)."""
+        """Packed-storage accounting over all layers, and the bytes the cache's tensors hold
+        (see `KVMemory`)."""
         layers = [layer for layer in self.layers if layer.is_initialized]
         if not layers:
             return EMPTY
-        batch, length = layers[0].keys.shape[0], layers[0].keys.shape[-2]
-        real_tokens = self.rows.real(batch, length, layers[0].keys.device).sum(-1)
+        real_tokens = self.rows.real(layers[0].batch, layers[0].length, layers[0].device).sum(-1)
         # every layer holds the same tokens: they count once
         total = KVMemory.sum([layer.memory(real_tokens) for layer in layers])
-        return dataclasses.replace(total, tokens=int(real_tokens.sum()))
+        held = [tensor for layer in layers for tensor in layer.tensors()]
+        held += [self.rows.attention_mask, self.rows.sink_positions, self.rows.held]
+        return dataclasses.replace(total, tokens=int(real_tokens.sum()), measured=held_bytes(held))
 
     def bytes_per_token(self) -> float:
         """Packed-storage bytes per cached token, all layers together."""
