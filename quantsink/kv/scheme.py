@@ -16,6 +16,12 @@ pre-RoPE keys and the attention sinks kept in full precision.
   head (`per_head`) for the keys and for the values, calibrated once on the calibration text
   with `observer` (quantsink.methods.kv_static) and applied where each attention hands its cache
   the post-RoPE keys and values; what llm-compressor writes as `kv_cache_scheme` and vLLM serves.
+  `type: int` (2-8 bits) or `float` (fp8 e4m3, 8 bits: what vLLM's fp8 KV cache takes). With
+  `sinks` (pfn or kvsink) the sinks are left out of the calibrated range, so one massive key no
+  longer widens every other token's grid; `sinks.at_inference` says what becomes of them then:
+  `exact` (the default) keeps them in full precision, as quantsink's dynamic cache does;
+  `quantized` puts them on the narrower grid too (they clip), which is what an engine that knows
+  nothing of sinks computes from the exported scales.
 """
 from __future__ import annotations
 
@@ -40,6 +46,11 @@ class KVGranularity(str, Enum):
 class KVScales(str, Enum):
     dynamic = "dynamic"
     static = "static"
+
+
+class KVType(str, Enum):
+    int = "int"
+    float = "float"  # fp8 e4m3 (torch.float8_e4m3fn), compressed-tensors' `type: float` at 8 bits
 
 
 class SinkMethod(str, Enum):
@@ -79,11 +90,15 @@ class SinkProfiling(Schema):
 class KVSinks(Schema):
     """Which tokens keep their K/V in full precision and out of every scale: none; pfn, the first
     `num_sinks` real tokens of each row; kvsink, the `num_sinks` predicted from the outlier channel
-    (`profile` tunes the profiler)."""
+    (`profile` tunes the profiler). `at_inference` (static scales only; a dynamic cache always
+    keeps its sinks exact): `exact` keeps the sinks out of the static quantization at inference as
+    they were out of its calibration; `quantized` quantizes them with the scales calibrated
+    without them, as an engine loading the export does."""
 
     method: SinkMethod = SinkMethod.none
     num_sinks: PositiveInt = 5
     profile: Optional[SinkProfiling] = None
+    at_inference: Literal["exact", "quantized"] = "exact"
 
     @model_validator(mode="after")
     def _profile_is_kvsinks(self) -> "KVSinks":
@@ -160,6 +175,7 @@ class KVCacheScheme(Schema):
 
     backend: Annotated[str, registered_in(KV_CACHE_BACKENDS)] = "quantsink"
     bits: int = 4
+    type: KVType = KVType.int
     scales: KVScales = KVScales.dynamic
     keys: KVKeys = Field(default_factory=KVKeys)
     values: KVValues = Field(default_factory=KVValues)
@@ -184,6 +200,11 @@ class KVCacheScheme(Schema):
     def _scales_fit_the_rest(self) -> "KVCacheScheme":
         keys, values = self.keys.granularity, self.values.granularity
         if self.scales == "dynamic":
+            if self.type != "int":
+                raise ValueError(f"type {self.type} needs scales: static; a dynamic cache stores integer codes")
+            if self.sinks.at_inference != "exact":
+                raise ValueError("sinks.at_inference quantized applies to static scales; a dynamic cache keeps its sinks "
+                                 "exact: remove it or set scales: static")
             if keys not in DYNAMIC_KEYS:
                 raise ValueError(f"keys.granularity {keys} needs scales: static; dynamic keys are per_channel or per_token")
             if values != "per_token":
@@ -202,14 +223,25 @@ class KVCacheScheme(Schema):
                              "keys calibrated offline: scales dynamic, keys.ranges calibrated)")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits {self.bits}: static scales quantize to 2-8 bits; pick one of those")
+        if self.type == "float" and self.bits != 8:
+            raise ValueError(f"type float is fp8 (e4m3), 8 bits, got bits {self.bits}: set bits 8, or type int")
+        if self.type == "float" and normalise(self.observer) == "mse":
+            raise ValueError("observer mse searches the clipping of an integer grid; type float takes minmax or percentile")
+        sinks = self.sinks
+        if sinks.method == "none" and sinks.at_inference != "exact":
+            raise ValueError("sinks.at_inference says what becomes of the sinks left out of the static scales, and "
+                             "sinks.method is none: set a sinks.method (pfn or kvsink) or remove at_inference")
+        if sinks.profile is not None and sinks.profile.prefill != "stream":
+            raise ValueError("sinks.profile.prefill hold: static scales decide each forward call's sinks as it runs; "
+                             "remove prefill or use scales: dynamic")
         defaults = type(self).model_fields
         dynamic_only = [name for name in DYNAMIC_ONLY if getattr(self, name) != defaults[name].default]
-        dynamic_only += [what for present, what in ((self.keys.pre_rope, "keys.pre_rope"), (self.sinks.method != "none", "sinks"),
+        dynamic_only += [what for present, what in ((self.keys.pre_rope, "keys.pre_rope"),
                                                     (self.keys.ranges != "group", "keys.ranges"))
                          if present]
         if dynamic_only:
-            raise ValueError(f"{dynamic_only[0]} applies to dynamic scales; static ones quantize every post-RoPE token with "
-                             "its layer's scale: remove it or set scales: dynamic")
+            raise ValueError(f"{dynamic_only[0]} applies to dynamic scales; static ones quantize every post-RoPE token "
+                             "but the sinks with its layer's scale: remove it or set scales: dynamic")
         return self
 
     @model_validator(mode="after")
@@ -246,12 +278,15 @@ class KVCacheScheme(Schema):
 
     def compressed_tensors(self) -> dict[str, Any]:
         """This static scheme as compressed-tensors' `kv_cache_scheme` (QuantizationArgs fields)."""
-        return {"num_bits": self.bits, "type": "int", "symmetric": True,
+        return {"num_bits": self.bits, "type": self.type, "symmetric": True,
                 "strategy": COMPRESSED_TENSORS_STRATEGIES[self.keys.granularity], "dynamic": False}
 
     def describe(self) -> str:
         if self.scales == "static":
-            return f"{self.backend} {self.bits}-bit, static {self.keys.granularity} scales of keys and values ({self.observer})"
+            number = "fp8 e4m3" if self.type == "float" else f"{self.bits}-bit"
+            sinks = "" if self.sinks.method == "none" else (
+                f", {self.sinks.method}-{self.sinks.num_sinks} sinks out of the scales, {self.sinks.at_inference} at inference")
+            return f"{self.backend} {number}, static {self.keys.granularity} scales of keys and values ({self.observer}){sinks}"
         sinks = self.sinks.method if self.sinks.method == "none" else f"{self.sinks.method}-{self.sinks.num_sinks}"
         keys = f"keys {self.keys.granularity}{' pre-RoPE' if self.keys.pre_rope else ''}"
         keys += f" in calibrated ranges ({self.observer})" if self.keys.ranges == "calibrated" else ""

@@ -75,6 +75,9 @@ from quantsink.registry import METHODS
 
 log = logging.getLogger(__name__)
 
+# where install leaves (profile, options) on the model, for the static KV scales that predict
+# their sinks themselves (quantsink.methods.kv_static; a plain attribute, never in the state_dict)
+PREDICTOR_ATTRIBUTE = "quantsink_kvsink_predictor"
 MAX_CHANNELS = 8  # the profile ranks at most this many outlier channels (Llama-2-7B has 2)
 WEAK_CUTOFF = 0.5  # with no massive channel, outliers are channels at least this share of the strongest
 
@@ -186,30 +189,38 @@ def profile_sinks(
     return profile
 
 
+def sink_scores(hidden: torch.Tensor, profile: SinkProfile, options: SinkProfiling) -> torch.Tensor:
+    """(batch, tokens) sink scores of block l_E's output `hidden`, -inf under the offer threshold."""
+    channels = profile.channels if options.score == "norm" else profile.channels[:1]
+    scores = hidden[..., channels].detach().float().norm(dim=-1)
+    return scores.masked_fill(scores < profile.threshold, float("-inf"))
+
+
 def install(adapter: Adapter, profile: SinkProfile, options: SinkProfiling = SinkProfiling()) -> HandleSet:
     """Hook block l_E so every forward call offers its tokens' sink scores to its cache (`options`:
     how they are scored and whether a prompt is held); a probe forward proves the hook finds the cache."""
     check_profile(adapter, profile)
     block = adapter.blocks()[profile.emergence_layer]
-    threshold, hold = profile.threshold, options.prefill == "hold"
+    hold = options.prefill == "hold"
     if hold:
         log.warning(
             "kvsink prefill: hold keeps a prompt exact until a one-token call or cache.end_prefill(); the chunked "
             "evaluation (compare_kv_caches, the quantize report, quantsink eval) makes neither, so it would measure "
             "the cache unquantized: evaluate with prefill: stream"
         )
-    channels = profile.channels if options.score == "norm" else profile.channels[:1]
     tally = Tally(f"the kvsink sink predictor on decoder block {profile.emergence_layer}")
 
     def offer(_module: nn.Module, _args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         cache = adapter.cache_of_call(kwargs)
         if not isinstance(cache, SinkQuantizedCache) or cache.scheme.sinks.method != "kvsink":
             return
-        scores = hidden_states_of(output)[..., channels].detach().float().norm(dim=-1)
-        cache.offer_sinks(scores.masked_fill(scores < threshold, float("-inf")), hold=hold)
+        cache.offer_sinks(sink_scores(hidden_states_of(output), profile, options), hold=hold)
         tally.ran()
 
-    with installing(adapter.model, "kvsink") as handles:
+    model = adapter.model
+    with installing(model, "kvsink") as handles:
+        setattr(model, PREDICTOR_ATTRIBUTE, (profile, options))
+        handles.on_remove(lambda: model.__dict__.pop(PREDICTOR_ATTRIBUTE, None))
         handles.add(block.register_forward_hook(offer, with_kwargs=True))
         probe_cache = SinkQuantizedCache(KVCacheScheme(sinks={"method": "kvsink", "num_sinks": 1}))
         require_runs(adapter.model, [tally], lambda: adapter.probe_kv_cache(probe_cache))
