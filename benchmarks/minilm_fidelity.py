@@ -1,37 +1,59 @@
-"""Fidelity of the real all-MiniLM-L6-v2 under several quantization settings, side by side, and
-the int8 backend's latency with and without sink-tokens.
+"""Fidelity of the real all-MiniLM-L6-v2 under several quantization settings, quantsink's and
+llm-compressor's side by side in one run, and the int8 backend's latency with and without
+sink-tokens and SmoothQuant.
 
     python benchmarks/minilm_fidelity.py [--samples 128] [--holdout 256] [--seq-len 128] [--rounds 5]
+        [--llmcompressor-venv benchmarks/.venv-llmcompressor | --no-llmcompressor]
 
 Each row quantizes a fresh copy of the model on the same bundled calibration paragraphs and
 measures cosine similarity of the mean-pooled embedding to full precision on the same disjoint
-holdout paragraphs (the split quantsink's report makes). Rows per bit width: naive per-tensor
-static (symmetric, and asymmetric where the backend allows), the same with sink-tokens, and
-per-token dynamic (the ceiling static scales aim at). llm-compressor's rows (W8A8, SmoothQuant,
-GPTQ; symmetric and asymmetric) run when it is importable: it is not installable beside this
-torch (see LLMCOMPRESSOR)."""
+holdout paragraphs (the split quantsink's report makes). quantsink's rows per bit width: naive
+per-tensor static (symmetric and asymmetric), sink-tokens, SmoothQuant, SmoothQuant then
+sink-tokens, and per-token dynamic (the ceiling static scales aim at).
+
+llm-compressor cannot share a venv with quantsink's pins (benchmarks/requirements-llmcompressor.txt
+says why), so its rows run in a sidecar venv, built on first use from that file, through
+benchmarks/llmcompressor_worker.py in a subprocess. This process hands it the calibration
+paragraphs as token ids and the holdout batches as quantsink feeds them (a JSON file), and
+measures the embeddings it returns against this process's own full-precision ones, with the
+same metric; the worker's full-precision embeddings come back too, as a check that both venvs
+run the same model."""
 from __future__ import annotations
 
 import argparse
-import copy
-import importlib.util
+import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
 
 import quantsink
-from quantsink.data import load_samples
 from quantsink.evaluate import embed_batches, fidelity
 from quantsink.models import resolve
-from quantsink.models.hf import HFBertTextAdapter
-from quantsink.pipeline import data
+from quantsink.models.catalog import CATALOG
+from quantsink.pipeline import Splits, data
 from quantsink.recipe import CalibrationConfig
 
-SINK = [{"sink-tokens": {"protect": "with_outliers"}}]  # the default
-FROM_EMERGENCE = [{"sink-tokens": {"protect": "from_emergence"}}]
+HERE = Path(__file__).resolve().parent
+SIDECAR_REQUIREMENTS = HERE / "requirements-llmcompressor.txt"
+WORKER = HERE / "llmcompressor_worker.py"
+
+SINK = {"sink-tokens": {}}
+# alpha 0.8: at SmoothQuant's usual 0.5 the [CLS] channel of each output.dense input, whose
+# weight column is the largest of the layer, keeps most of its range while every other channel
+# shrinks, and W8A8 falls to 0.885 (README, sink-tokens section)
+SMOOTHQUANT = {"smoothquant": {"alpha": 0.8}}
+# after alpha 0.8 smoothing [CLS] stands 3.9x over the median token at most: sink-tokens' 5x finds nothing
+SINK_AFTER_SMOOTHING = {"sink-tokens": {"outlier_ratio": 3.0}}
+BITS = ((8, 8), (8, 6), (6, 6))
 
 
 def setting(weights: int, inputs: int, symmetric: bool = True, dynamic: bool = False) -> dict[str, Any]:
@@ -43,27 +65,16 @@ def setting(weights: int, inputs: int, symmetric: bool = True, dynamic: bool = F
 
 # label -> (quantization, methods)
 ROWS: dict[str, tuple[dict[str, Any], list]] = {}
-for _w, _a in ((8, 8), (8, 6), (6, 6)):
+for _w, _a in BITS:
     _bits = f"W{_w}A{_a}"
-    ROWS[f"{_bits} per-tensor static, naive"] = (setting(_w, _a), [])
-    ROWS[f"{_bits} per-tensor static, sink-tokens with_outliers"] = (setting(_w, _a), SINK)
-    ROWS[f"{_bits} per-tensor static, sink-tokens from_emergence"] = (setting(_w, _a), FROM_EMERGENCE)
-    ROWS[f"{_bits} per-tensor static asym, naive"] = (setting(_w, _a, symmetric=False), [])
-    ROWS[f"{_bits} per-tensor static asym, sink-tokens with_outliers"] = (setting(_w, _a, symmetric=False), SINK)
-    ROWS[f"{_bits} per-token dynamic (ceiling)"] = (setting(_w, _a, dynamic=True), [])
-ROWS["W8A8 per-tensor static mse, naive"] = ({"activations": {"observer": "mse"}}, [])
-ROWS["W8 weights only"] = ({"activations": None}, [])
-
-# what pip says when asked for llm-compressor beside quantsink's pins (pip install llmcompressor
-# "torch==2.14.1"): the releases that support transformers 5 cap torch below it, so it cannot be
-# an extra of quantsink. Its rows run where it was installed by hand, in a throwaway venv beside
-# quantsink's packages: pip install --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0,
-# then pip install datasets accelerate "auto-round<=0.15.1" nvidia-ml-py requests loguru.
-LLMCOMPRESSOR = ("llmcompressor 0.14.0.1 depends on torch<=2.14.0 and >=2.10.0 (and transformers<=5.17.0, "
-                 "compressed-tensors==0.19.0); quantsink pins torch 2.14.1, transformers 5.23.0, compressed-tensors 0.20.1")
-# post-LN BERT has one function-preserving smoothing pair (llm-compressor has no BertModel mapping,
-# and falls back to Llama names, smoothing nothing)
-BERT_SMOOTHQUANT = [[["re:.*attention.output.dense$"], "re:.*attention.self.value$"]]
+    ROWS[f"{_bits} quantsink naive"] = (setting(_w, _a), [])
+    ROWS[f"{_bits} quantsink naive asym"] = (setting(_w, _a, symmetric=False), [])
+    ROWS[f"{_bits} quantsink sink-tokens"] = (setting(_w, _a), [SINK])
+    ROWS[f"{_bits} quantsink asym + sink-tokens"] = (setting(_w, _a, symmetric=False), [SINK])
+    ROWS[f"{_bits} quantsink SmoothQuant"] = (setting(_w, _a), [SMOOTHQUANT])
+    ROWS[f"{_bits} quantsink SmoothQuant + sink-tokens"] = (setting(_w, _a), [SMOOTHQUANT, SINK_AFTER_SMOOTHING])
+    ROWS[f"{_bits} quantsink per-token dynamic (ceiling)"] = (setting(_w, _a, dynamic=True), [])
+ROWS["W8 quantsink weights only"] = ({"activations": None}, [])
 
 
 def recipe(args: argparse.Namespace, quantization: dict[str, Any], methods: list, backend: str = "fake") -> dict[str, Any]:
@@ -75,72 +86,90 @@ def recipe(args: argparse.Namespace, quantization: dict[str, Any], methods: list
     }
 
 
-def fidelity_table(args: argparse.Namespace) -> None:
-    print(f"{'setting':54s} {'cos mean':>9s} {'cos min':>9s} {'rel L2':>8s}")
-    for label, (quantization, methods) in ROWS.items():
-        fidelity = quantsink.quantize("all-minilm-l6-v2", recipe(args, quantization, methods), progress=False).report["fidelity"]
-        print(f"{label:54s} {fidelity['cosine_mean']:9.4f} {fidelity['cosine_min']:9.4f} {fidelity['relative_l2']:8.4f}", flush=True)
-    if importlib.util.find_spec("llmcompressor") is None:
-        print(f"{'llm-compressor W8A8 / SmoothQuant / GPTQ':54s} {'not installable here':>28s}\n  ({LLMCOMPRESSOR})")
-    else:
-        llmcompressor_rows(args)
-
-
-def llmcompressor_rows(args: argparse.Namespace) -> None:
-    """llm-compressor's oneshot on the same calibration paragraphs (per-tensor static inputs, its
-    default min-max observer), measured on the same holdout as every quantsink row."""
-    import llmcompressor
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from llmcompressor.modifiers.transform import SmoothQuantModifier
-
-    full = resolve("all-minilm-l6-v2")
-    settings = calibration_settings(args)
-    splits = data(full, settings)
-    reference = embed_batches(full, splits.holdout)
-    texts = load_samples(settings.data, "text", settings.num_samples, settings.holdout, settings.seed, settings.seq_len).calibration
-    tokens = full.tokenizer(list(texts), truncation=True, max_length=args.seq_len)
-    dataset = Dataset.from_dict({"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]})
-
-    def scheme(weights: int, inputs: int, symmetric: bool = True) -> dict[str, Any]:
-        return {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": weights, "type": "int", "symmetric": True, "strategy": "channel"},
-            "input_activations": {"num_bits": inputs, "type": "int", "symmetric": symmetric, "strategy": "tensor", "dynamic": False},
-        }}
-
-    for weights, inputs in ((8, 8), (8, 6), (6, 6)):
-        rows = {
-            "static": [QuantizationModifier(config_groups=scheme(weights, inputs))],
-            "static asym": [QuantizationModifier(config_groups=scheme(weights, inputs, symmetric=False))],
-            "SmoothQuant + static": [SmoothQuantModifier(smoothing_strength=0.8, mappings=BERT_SMOOTHQUANT),
-                                     QuantizationModifier(config_groups=scheme(weights, inputs))],
-            "GPTQ static": [GPTQModifier(config_groups=scheme(weights, inputs))],
-        }
-        for label, modifiers in rows.items():
-            model = copy.deepcopy(full.model)
-            oneshot(model=model, dataset=dataset, recipe=modifiers, num_calibration_samples=args.samples,
-                    max_seq_length=args.seq_len, pipeline="basic")
-            adapter = HFBertTextAdapter.from_module(model, processor=full.tokenizer)
-            result = fidelity(reference, embed_batches(adapter, splits.holdout))
-            label = f"llm-compressor {llmcompressor.__version__} W{weights}A{inputs} {label}"
-            print(f"{label:54s} {result['cosine_mean']:9.4f} {result['cosine_min']:9.4f} {result['relative_l2']:8.4f}", flush=True)
-
-
 def calibration_settings(args: argparse.Namespace) -> CalibrationConfig:
     return CalibrationConfig(num_samples=args.samples, holdout=args.holdout, batch_size=16, seq_len=args.seq_len)
 
 
-def latency_table(args: argparse.Namespace) -> None:
-    """Interleaved rounds over the same holdout batches: fp32, naive int8, int8 + sink-tokens (both
-`protect` settings)."""
+def print_row(label: str, result: dict[str, float]) -> None:
+    print(f"{label:64s} {result['cosine_mean']:9.4f} {result['cosine_min']:9.4f} {result['relative_l2']:8.4f}", flush=True)
+
+
+def fidelity_table(args: argparse.Namespace) -> None:
+    print(f"{'setting':64s} {'cos mean':>9s} {'cos min':>9s} {'rel L2':>8s}")
     full = resolve("all-minilm-l6-v2")
-    naive = quantsink.quantize("all-minilm-l6-v2", recipe(args, setting(8, 8), [], "int8"), progress=False)
-    outliers = quantsink.quantize("all-minilm-l6-v2", recipe(args, setting(8, 8), SINK, "int8"), progress=False)
-    every = quantsink.quantize("all-minilm-l6-v2", recipe(args, setting(8, 8), FROM_EMERGENCE, "int8"), progress=False)
-    adapters = {"fp32": full, "int8 W8A8 naive": naive.adapter, "int8 W8A8 sink-tokens with_outliers": outliers.adapter,
-                "int8 W8A8 sink-tokens from_emergence": every.adapter}
+    splits = data(full, calibration_settings(args))
+    reference = embed_batches(full, splits.holdout)
+    for label, (quantization, methods) in ROWS.items():
+        result = quantsink.quantize("all-minilm-l6-v2", recipe(args, quantization, methods), progress=False).report["fidelity"]
+        print_row(label, result)
+    if args.no_llmcompressor:
+        return
+    python = sidecar_python(Path(args.llmcompressor_venv))
+    if python is not None:
+        llmcompressor_rows(args, python, splits, reference)
+
+
+def sidecar_python(venv: Path) -> Optional[Path]:
+    """The sidecar venv's python, building the venv from SIDECAR_REQUIREMENTS when it is not
+    there; None (and why, with pip's own words) when it cannot be built."""
+    python = venv / "bin" / "python"
+    if python.is_file():
+        return python
+    print(f"building the llm-compressor sidecar venv {venv} (pip install -r {SIDECAR_REQUIREMENTS.name})", flush=True)
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(python), "-m", "pip", "install", "--quiet", "-r", str(SIDECAR_REQUIREMENTS)]]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            reason = (done.stderr or done.stdout).strip().splitlines()[-12:]
+            print(f"llm-compressor rows skipped: {' '.join(step[:4])} ... failed:\n  " + "\n  ".join(reason), flush=True)
+            return None
+    return python
+
+
+def llmcompressor_rows(args: argparse.Namespace, python: Path, splits: Splits, reference: torch.Tensor) -> None:
+    """llm-compressor's rows (benchmarks/llmcompressor_worker.py), on the same paragraphs and
+    holdout batches as quantsink's, measured here against the same reference."""
+    model_folder = next(entry for entry in CATALOG if entry.name == "all-minilm-l6-v2").local_folder()
+    calibration = [ids[mask.bool()].tolist() for batch in splits.calibration
+                   for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    with tempfile.TemporaryDirectory(prefix="minilm-llmcompressor-") as folder:
+        inputs, output, log = Path(folder) / "inputs.json", Path(folder) / "output.json", Path(folder) / "worker.log"
+        inputs.write_text(json.dumps({
+            "model": str(model_folder),
+            "seq_len": args.seq_len,
+            "calibration": calibration,
+            "holdout": [{key: batch[key].tolist() for key in ("input_ids", "attention_mask")} for batch in splits.holdout],
+            "bits": [list(bits) for bits in BITS],
+            "quantsink_source": str(HERE.parent),
+        }))
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        with log.open("w") as stream:
+            done = subprocess.run([str(python), str(WORKER), str(inputs), str(output)], stdout=stream, stderr=subprocess.STDOUT, env=env)
+        if done.returncode != 0:
+            tail = log.read_text().strip().splitlines()[-15:]
+            print(f"llm-compressor rows failed (worker exit {done.returncode}):\n  " + "\n  ".join(tail), flush=True)
+            return
+        result = json.loads(output.read_text())
+        embeddings = load_file(result["embeddings"])
+    versions = result["versions"]
+    worker_fp32 = fidelity(reference, embeddings["fp32"])
+    print(f"llm-compressor {versions['llmcompressor']} (sidecar: torch {versions['torch']}, transformers "
+          f"{versions['transformers']}, compressed-tensors {versions['compressed-tensors']}); its fp32 embeddings vs "
+          f"this process's: cosine min {worker_fp32['cosine_min']:.6f}")
+    for row in result["rows"]:
+        print_row(f"{row['bits']} llm-compressor {row['label']}", fidelity(reference, embeddings[row["key"]]))
+
+
+def latency_table(args: argparse.Namespace) -> None:
+    """Interleaved rounds over the same holdout batches: fp32, naive int8, int8 + sink-tokens,
+    int8 + SmoothQuant (its run-time multiplies), int8 + both."""
+    full = resolve("all-minilm-l6-v2")
+    variants = {"int8 W8A8 naive": [], "int8 W8A8 sink-tokens": [SINK], "int8 W8A8 SmoothQuant": [SMOOTHQUANT],
+                "int8 W8A8 SmoothQuant + sink-tokens": [SMOOTHQUANT, SINK_AFTER_SMOOTHING]}
+    results = {label: quantsink.quantize("all-minilm-l6-v2", recipe(args, setting(8, 8), methods, "int8"), progress=False)
+               for label, methods in variants.items()}
+    adapters = {"fp32": full, **{label: result.adapter for label, result in results.items()}}
     batches = data(full, calibration_settings(args)).holdout[: args.batches]
     times: dict[str, list[float]] = {label: [] for label in adapters}
     for _ in range(args.rounds):
@@ -151,11 +180,12 @@ def latency_table(args: argparse.Namespace) -> None:
             times[label].append((time.perf_counter() - started) / len(batches))
     reference = statistics.median(times["int8 W8A8 naive"])
     print(f"\nlatency per batch of 16 x <= {args.seq_len} tokens ({torch.get_num_threads()} threads, median of {args.rounds} rounds "
-          f"over {len(batches)} batches; int8 kernels {naive.report.get('int8_kernels')})")
-    print(f"{'model':38s} {'ms':>8s} {'vs naive int8':>14s}")
+          f"over {len(batches)} batches; int8 kernels {results['int8 W8A8 naive'].report.get('int8_kernels')})")
+    print(f"{'model':38s} {'ms':>8s} {'vs naive int8':>14s} {'cos mean':>9s}")
     for label, values in times.items():
         median = statistics.median(values)
-        print(f"{label:38s} {1000 * median:8.1f} {median / reference:13.3f}x")
+        cosine = results[label].report["fidelity"]["cosine_mean"] if label in results else 1.0
+        print(f"{label:38s} {1000 * median:8.1f} {median / reference:13.3f}x {cosine:9.4f}")
 
 
 def main() -> None:
@@ -166,15 +196,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=4, help="holdout batches timed per round")
     parser.add_argument("--skip-fidelity", action="store_true")
-    parser.add_argument("--only-llmcompressor", action="store_true", help="its rows alone (no quantsink rows, no latency)")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--llmcompressor-venv", default=str(HERE / ".venv-llmcompressor"),
+                        help="the sidecar venv llm-compressor's rows run in (built here on first use)")
+    parser.add_argument("--no-llmcompressor", action="store_true", help="quantsink's rows only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.only_llmcompressor:
-        llmcompressor_rows(args)
-        return
     if not args.skip_fidelity:
         fidelity_table(args)
-    latency_table(args)
+    if not args.skip_latency:
+        latency_table(args)
 
 
 if __name__ == "__main__":

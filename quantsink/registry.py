@@ -159,6 +159,7 @@ for _registry, _entries in (
         "kvsink": "quantsink.methods.kvsink:KVSink",
         "kv-static": "quantsink.methods.kv_static:KVStatic",
         "sink-tokens": "quantsink.methods.sink_tokens:SinkTokens",
+        "smoothquant": "quantsink.methods.smoothquant:SmoothQuant",
     }),
     (EXPORT_FORMATS, {
         "fake-quant": "quantsink.exports.fake_quant:FAKE_QUANT",

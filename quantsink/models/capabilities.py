@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -50,6 +51,18 @@ class EditableEncoder(Protocol):
 
 
 @runtime_checkable
+class PatchGrids(Protocol):
+    """image encoders whose patch grid quantsink can see.
+
+    `watch_patch_grids(record)` hooks the model so that each forward, before its first block,
+    calls `record` with every image's (rows, columns) grid, its patches following the leading
+    special tokens in row-major order (quantsink.models.editable; what refill and the inspect
+    heatmaps place tokens by)."""
+
+    def watch_patch_grids(self, record: Callable[[list[tuple[int, int]]], None]) -> list[RemovableHandle]: ...
+
+
+@runtime_checkable
 class KVCacheHost(Protocol):
     """causal language models (the hosts of a KV cache).
 
@@ -83,6 +96,42 @@ class TransformersCheckpoint(Protocol):
     def save_transformers_config(self, folder: Path) -> None: ...
 
     def tied_output_projection(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class SmoothingGroup:
+    """Linears that read one input, and where a per-channel smoothing s of that input (its
+    Linears' weight columns times s) puts the 1/s that keeps the model's function: exactly one
+    of `fold_into` and `multiply_input_of` is set.
+
+    `fold_into`: a module whose weight's output channels (a Linear's rows, a LayerNorm's
+    entries) and bias make exactly that input and feed nothing else: 1/s folds into them, free
+    at run time. `multiply_input_of`: a module (never a Linear a backend replaces) whose first
+    positional input is exactly that input and reaches those Linears alone: the input is
+    multiplied by 1/s there, an elementwise product in every forward. `overwrite_input`: that
+    input tensor is read by nothing else, so the product may overwrite it (no new tensor, and
+    no page faults for one, in each forward)."""
+
+    linears: tuple[str, ...]
+    fold_into: str | None = None
+    multiply_input_of: str | None = None
+    overwrite_input: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.fold_into is None) == (self.multiply_input_of is None):
+            raise ValueError(f"a smoothing group of {self.linears} needs exactly one of fold_into and multiply_input_of")
+        if self.overwrite_input and self.multiply_input_of is None:
+            raise ValueError(f"a smoothing group of {self.linears} overwrites an input only where it multiplies one")
+
+
+@runtime_checkable
+class Smoothable(Protocol):
+    """models whose Linear inputs quantsink can smooth (SmoothQuant).
+
+    The groups of Linears that share an input, in model order, each with where its 1/s goes
+    (`SmoothingGroup`): what the family's layer layout allows, known to its adapter only."""
+
+    def smoothing_groups(self) -> list[SmoothingGroup]: ...
 
 
 def describe(capability: type) -> str:

@@ -49,6 +49,7 @@ from quantsink.errors import CheckpointError, ModelLoadError, UserError
 from quantsink.io import MANIFEST
 from quantsink.models.attention import attend
 from quantsink.models.base import Adapter, ModelSource, register_adapter
+from quantsink.models.capabilities import SmoothingGroup
 from quantsink.models.deletion import TokenDeletion, take_tokens
 from quantsink.models.editable import EditableEncoderAdapter
 
@@ -251,6 +252,26 @@ class HFImageAdapter(HFAdapter, EditableEncoderAdapter):
     attention-function registry."""
 
     patch_embedding_path: ClassVar[str] = "embeddings.patch_embedding"
+    # inside a (pre-LN) layer: the norms before attention and before the MLP; inside its
+    # attention: the query, key, value and output projections (`smoothing_groups`)
+    norm_paths: ClassVar[tuple[str, str]] = ("layer_norm1", "layer_norm2")
+    projection_names: ClassVar[tuple[str, str, str, str]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    # --- smoothing (capabilities.Smoothable) ---------------------------------------------
+    def smoothing_groups(self) -> list[SmoothingGroup]:
+        """Pre-LN layers: each norm feeds only the Linears after it (the residual is taken
+        before it), and attention mixes v_proj's output channels one by one into the output
+        projection, so every 1/s folds. fc2's input, the activation's output, has neither a
+        weight to fold into nor a module of its own to multiply at: it is not smoothed."""
+        groups = []
+        for block in self.block_names():
+            query, key, value, output = (f"{block}.{self.attention_path}.{name}" for name in self.projection_names)
+            groups += [
+                SmoothingGroup((query, key, value), fold_into=f"{block}.{self.norm_paths[0]}"),
+                SmoothingGroup((output,), fold_into=value),
+                SmoothingGroup((f"{block}.{self.fc1_path}",), fold_into=f"{block}.{self.norm_paths[1]}"),
+            ]
+        return groups
 
     # --- sequence edits ------------------------------------------------------------------
     def _editable_attention(self, block_index: int) -> nn.Module:
@@ -365,6 +386,8 @@ class HFDinov2Adapter(HFImageAdapter):
     layers_attr = "layer"
     attention_path = "attention"
     patch_embedding_path = "embeddings.patch_embeddings.projection"
+    norm_paths = ("norm1", "norm2")
+    projection_names = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     @classmethod
     def default_processor(cls, config: PretrainedConfig) -> Any:
@@ -451,6 +474,25 @@ class HFBertTextAdapter(HFTextAdapter):
             # sentence-transformers truncates at its own max_seq_length, shorter than the tokenizer's
             tokenizer.model_max_length = json.loads(sentence_config.read_text())["max_seq_length"]
         return tokenizer
+
+    def smoothing_groups(self) -> list[SmoothingGroup]:
+        """Post-LN layers (capabilities.Smoothable): each LayerNorm's output also feeds the
+        residual, so the 1/s of the query/key/value and intermediate inputs cannot fold into it;
+        it is multiplied into the input of attention.self and of intermediate, which hand it to
+        those Linears alone. output.dense's input comes out of GELU, which no scale passes
+        through: it is multiplied at output's first input (its second, the residual, untouched),
+        in place, since GELU's output reaches nothing else. Only value -> attention.output.dense
+        folds: attention mixes value's channels one by one."""
+        groups = []
+        for block in self.block_names():
+            attention = f"{block}.{self.attention_path}"
+            groups += [
+                SmoothingGroup(tuple(f"{attention}.{name}" for name in ("query", "key", "value")), multiply_input_of=attention),
+                SmoothingGroup((f"{block}.attention.output.dense",), fold_into=f"{attention}.value"),
+                SmoothingGroup((f"{block}.{self.fc1_path}",), multiply_input_of=f"{block}.intermediate"),
+                SmoothingGroup((f"{block}.{self.fc2_path}",), multiply_input_of=f"{block}.output", overwrite_input=True),
+            ]
+        return groups
 
     def delete_tokens_at(self, block_index: int, count: int, refill: str = "none") -> TokenDeletion:
         """Refused: a sentence encoder offers no sequence edits, and its pooling could not follow a deletion."""
