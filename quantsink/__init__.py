@@ -18,6 +18,8 @@ _LAZY = {
     "load": "quantsink.api",
     "kv_cache": "quantsink.api",
     "evaluate_kv_cache": "quantsink.api",
+    "inspect": "quantsink.inspection.run",
+    "Inspection": "quantsink.inspection.run",
     "QuantizationResult": "quantsink.api",
     "Recipe": "quantsink.recipe",
     "KVCacheScheme": "quantsink.kv.scheme",
@@ -25,12 +27,14 @@ _LAZY = {
 }
 
 __all__ = [
-    "quantize", "load", "kv_cache", "evaluate_kv_cache", "Recipe", "QuantizationResult", "KVCacheScheme", "SinkQuantizedCache",
+    "quantize", "load", "kv_cache", "evaluate_kv_cache", "inspect", "Inspection", "Recipe", "QuantizationResult", "KVCacheScheme",
+    "SinkQuantizedCache",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from quantsink.api import QuantizationResult, evaluate_kv_cache, kv_cache, load, quantize
+    from quantsink.inspection.run import Inspection, inspect
     from quantsink.kv.cache import SinkQuantizedCache
     from quantsink.kv.scheme import KVCacheScheme
     from quantsink.recipe import Recipe

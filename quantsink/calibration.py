@@ -48,6 +48,18 @@ class ActivationStats:
         return [self.block_summary(block, top) for block in range(len(self.block_names))]
 
 
+def finite_block_output(output: Any, block_name: str) -> torch.Tensor:
+    """A block's output hidden states in float32, refused when any is NaN or inf (a one-line
+    error naming the block: every statistic after it would be meaningless)."""
+    hidden = hidden_states_of(output).detach().float()
+    if not torch.isfinite(hidden).all():
+        raise UserError(
+            f"non-finite activations (NaN or inf) at the output of {block_name}: "
+            "check the model's weights and inputs, or run it in float32"
+        )
+    return hidden
+
+
 class StatisticsCollector:
     """Hooks on the adapter's blocks; use `attached()` as a context so that no hook outlives
     the pass."""
@@ -61,12 +73,7 @@ class StatisticsCollector:
 
     def _on_block_output(self, block: int):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            hidden = hidden_states_of(output).detach().float()
-            if not torch.isfinite(hidden).all():
-                raise UserError(
-                    f"non-finite activations (NaN or inf) at the output of {self.block_names[block]}: "
-                    "check the model's weights and inputs, or run it in float32"
-                )
+            hidden = finite_block_output(output, self.block_names[block])
             token_linf = hidden.abs().amax(dim=-1)  # (batch, tokens)
             if self._mask is None:
                 mask = torch.ones_like(token_linf, dtype=torch.bool)

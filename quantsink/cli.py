@@ -1,5 +1,5 @@
-"""`quantsink quantize MODEL RECIPE`, `quantsink eval OUT`, `quantsink models`. User errors print
-one line and exit 2."""
+"""`quantsink quantize MODEL RECIPE`, `quantsink eval OUT`, `quantsink inspect MODEL`,
+`quantsink models`. User errors print one line and exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
                           help="tokens per prefill chunk; each token sees the earlier chunks through the quantized cache (default 16)")
     evaluate.add_argument("--num-samples", type=int, metavar="N", help="text segments to evaluate (default: the recipe's holdout count)")
     add_verbosity(evaluate)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show where a model's sinks and massive activations are, and recommend a recipe",
+        description="Run MODEL on calibration data and write OUT/inspect.json, PNG figures, inspect.md, a self-contained "
+                    "inspect.html and recommended.yaml: residual l_inf per layer and token, the massive channels and "
+                    "where they emerge, attention received per token, per-layer quantization sensitivity (and KV "
+                    "sensitivity and the KVSink profile for causal LMs).",
+    )
+    inspect.add_argument("model", metavar="MODEL",
+                         help="short name (see 'quantsink models'), hf:ORG/NAME, open_clip:ARCH/PRETRAINED, timm:NAME, or a local folder")
+    inspect.add_argument("--calib", metavar="DATA",
+                         help="calibration data: 'bundled' (default), an image folder, a text file or a folder of text files")
+    inspect.add_argument("--num-samples", type=int, default=32, metavar="N", help="calibration samples to inspect (default 32)")
+    inspect.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    inspect.add_argument("-o", "--output", type=Path, metavar="OUT",
+                         help="output folder, must not exist (default: out/inspect-<model>)")
+    add_verbosity(inspect)
 
     models = commands.add_parser("models", help="list the short model names and their sources",
                                  description="List the short model names, the sources they map to and their families.")
@@ -176,6 +194,33 @@ def run_eval(args: argparse.Namespace) -> None:
     print("\n".join([f"model      {args.folder}", *format_kv_lines(result), f"written    {args.folder / 'eval.json'}"]))
 
 
+def run_inspect(args: argparse.Namespace) -> None:
+    from quantsink import io
+    from quantsink.inspection.run import inspect, output_name
+
+    output = args.output or Path("out") / output_name(args.model)
+    io.check_output_dir(output)  # before the model runs: a result that cannot be written is time lost
+    inspection = inspect(args.model, args.calib, num_samples=args.num_samples, seed=args.seed, progress=not args.quiet)
+    inspection.save(output)
+    print(format_inspection(inspection.data, output))
+
+
+def format_inspection(data: dict, output: Path) -> str:
+    massive = data["massive"]
+    channels = ", ".join(f"{entry['channel']} ({entry['ratio']:.0f}x)" for entry in massive["channels"][:3])
+    lines = [f"model      {data['model']} ({data['family']}), {data['calibration']['data']}",
+             f"massive    emergence block {massive['emergence_block']}; channels {channels or 'none'} ({massive['source']})"]
+    if "sensitive_layer" in data:
+        lines.append(f"sensitive  l_q block {data['sensitive_layer']['block']} ({data['sensitive_layer']['linear']})")
+    if "kvsink" in data:
+        sinks = data["kvsink"]["sample_sinks"][0]
+        lines.append("sinks      sample 0: " + ", ".join(f"{entry['position']} {entry['token']!r}" for entry in sinks["kvsink"])
+                     + f" (PFN-5 keeps 0-{len(sinks['pfn']) - 1})")
+    lines += [f"recommend  {entry['choice']}" for entry in data["recommended"]["reasons"]]
+    lines.append(f"written    {output} (inspect.html, inspect.md, recommended.yaml)")
+    return "\n".join(lines)
+
+
 def run_models(_args: argparse.Namespace) -> None:
     from quantsink.models import catalog
 
@@ -194,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         transformers_logging.disable_progress_bar()  # its weight-loading bar ignores our logging level
     try:
-        {"quantize": run_quantize, "eval": run_eval, "models": run_models}[args.command](args)
+        {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect, "models": run_models}[args.command](args)
     except UserError as error:
         print(f"quantsink: error: {error}", file=sys.stderr)
         return 2

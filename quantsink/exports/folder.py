@@ -2,12 +2,14 @@
 
 A folder holds `model.safetensors` (the quantized model's state, laid out by the format),
 `quantsink.json` (format version, model source, recipe, quantizer state: what is needed to
-rebuild the modules before loading the tensors), `report.json` and `recipe.yaml`."""
+rebuild the modules before loading the tensors; `kv_cache_scales`, for static KV scales
+calibrated without the sinks, which tokens they assume stay exact), `report.json` and
+`recipe.yaml`, and `report.md` with the figures of what the report measured."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Protocol, runtime_checkable
 
 from pydantic import ValidationError
 from torch import nn
@@ -15,6 +17,7 @@ from torch import nn
 from quantsink import io
 from quantsink.errors import CheckpointError, UserError
 from quantsink.exports.base import Artifact
+from quantsink.inspection.report import write_quantize_report
 from quantsink.kv.attach import attach_kv_cache
 from quantsink.kv.scheme import KVCacheScheme
 from quantsink.methods.base import require_capabilities
@@ -28,6 +31,20 @@ log = logging.getLogger(__name__)
 
 # Tensors of the methods (e.g. RegCache's registers), kept apart from the model's own state.
 METHOD_TENSORS = "methods.safetensors"
+
+
+@runtime_checkable
+class AssumesExactTokens(Protocol):
+    """A method whose exported scales were calibrated with some tokens left out of their range."""
+
+    def exact_tokens(self, adapter: Adapter) -> Optional[dict[str, Any]]:
+        """Which tokens, how they are found, and what a loader that quantizes them gets; None if none."""
+
+
+def exact_tokens(artifact: Artifact) -> Optional[dict[str, Any]]:
+    records = [record for method in artifact.methods if isinstance(method, AssumesExactTokens)
+               if (record := method.exact_tokens(artifact.adapter)) is not None]
+    return records[0] if records else None
 
 
 def save(artifact: Artifact, destination: str | Path) -> Path:
@@ -49,6 +66,7 @@ def save(artifact: Artifact, destination: str | Path) -> Path:
         if method_tensors:
             io.save_tensors(method_tensors, staging / METHOD_TENSORS)
         quantization = artifact.recipe.quantization
+        kv_cache_scales = exact_tokens(artifact)
         io.write_json(
             staging / io.MANIFEST,
             {
@@ -63,9 +81,11 @@ def save(artifact: Artifact, destination: str | Path) -> Path:
                     "state": artifact.quantizer.state(artifact.model),
                     **format_details,
                 },
+                **({"kv_cache_scales": {"exact_tokens": kv_cache_scales}} if kv_cache_scales else {}),
             },
         )
         io.write_json(staging / "report.json", artifact.report)
+        write_quantize_report(artifact.report, staging)  # report.md and its figures, from the report alone
         (staging / "recipe.yaml").write_text(artifact.recipe.to_yaml())
     log.info("wrote %s", destination)
     return destination

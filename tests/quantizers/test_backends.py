@@ -49,7 +49,8 @@ def test_backend_quantizes_reloads_and_tracks_fake(quantization, tiny_clip, fake
     recipe = recipe_file(tmp_path, quantization)
     out = tmp_path / "out"
     assert cli.main(["quantize", str(tiny_clip), str(recipe), "-o", str(out), "--quiet"]) == 0
-    assert {path.suffix for path in out.iterdir()} <= {".safetensors", ".json", ".yaml"}  # no pickle anywhere
+    # no pickle anywhere (report.md and its PNG figures: quantsink.inspection.report)
+    assert {path.suffix for path in out.iterdir()} <= {".safetensors", ".json", ".yaml", ".md", ".png"}
     report = json.loads((out / "report.json").read_text())
 
     in_memory = quantsink.quantize(str(tiny_clip), recipe, progress=False)
