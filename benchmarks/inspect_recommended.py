@@ -50,11 +50,13 @@ def main() -> None:
             folder = sink_lm_path() if save is None else save(Path(scratch) / name.split()[0])
             default = Recipe.from_yaml(path)
             recommended = inspect(str(folder), num_samples=default.calibration.num_samples, progress=False).recommend()
-            kl = [api.quantize(str(folder), recipe, progress=False).report["kv_cache"]["kl_mean"]
+            kv = [api.quantize(str(folder), recipe, progress=False).report["kv_cache"]
                   for recipe in (default, matched(recommended, default))]
             sinks = recommended.kv_cache.sinks
-            print(f"| {name} | {Path(path).name} | kvsink-{sinks.num_sinks}, min_score {sinks.profile.min_score:g} | "
-                  f"KV KL per token | {kl[0]:.5f} | {kl[1]:.5f} |")
+            # exact layers buy their KL with bytes: both are printed
+            print(f"| {name} | {Path(path).name} | kvsink-{sinks.num_sinks}, min_score {sinks.profile.min_score:g}, "
+                  f"exact_layers {recommended.kv_cache.exact_layers} | KV KL per token (bytes per token) | "
+                  f"{kv[0]['kl_mean']:.5f} ({kv[0]['bytes_per_token']:.0f}) | {kv[1]['kl_mean']:.5f} ({kv[1]['bytes_per_token']:.0f}) |")
 
 
 if __name__ == "__main__":

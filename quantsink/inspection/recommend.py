@@ -11,8 +11,8 @@ channel in groups of 16, values per token, no residual window) for causal LMs. T
 * text encoders with outlier tokens: sink-tokens (their token texts are the reason);
 * causal LMs: KVSink, `num_sinks` at least the paper's 5 and as many as the most massive tokens
   one sequence has, `min_score` a tenth of the strongest sink's score so that only sink-like
-  tokens take the slots; the layers whose KV alone costs the most are named (the scheme keeps
-  every layer quantized: vLLM's --kv-cache-dtype-skip-layers is where they go);
+  tokens take the slots; the layers whose KV alone costs at least KV_KEEP_SHARE of what
+  quantizing every layer costs stay in full precision (`kv_cache.exact_layers`);
 * `ignore`: every Linear that alone costs at least IGNORE_SHARE of what quantizing all of them
   costs at W8A8 and whose input has no massive activation (RegCache and sink-tokens can only
   help those that do)."""
@@ -102,7 +102,8 @@ def llm_recipe(name: str, calibration: dict[str, Any], profile: SinkProfile, mos
     keep = [layer for layer, kl in enumerate(per_layer) if kl >= KV_KEEP_SHARE * whole]
     compared = kv["all_layers_kl"]["2"]
     sinks = {"method": "kvsink", "num_sinks": num_sinks, "profile": {"min_score": round(min_score, 3)}}
-    recipe = {"name": name, "calibration": calibration, "kv_cache": {**BASE_KV, "sinks": sinks}}
+    kv_cache = {**BASE_KV, "sinks": sinks, **({"exact_layers": keep} if keep else {})}
+    recipe = {"name": name, "calibration": calibration, "kv_cache": kv_cache}
     channels = ", ".join(f"{channel} ({ratio:.1f}x)" for channel, ratio in zip(profile.channels, profile.ratios))
     reasons = [
         {"choice": f"kv_cache.sinks: kvsink, num_sinks {num_sinks}",
@@ -113,10 +114,10 @@ def llm_recipe(name: str, calibration: dict[str, Any], profile: SinkProfile, mos
         {"choice": f"kv_cache.sinks.profile.min_score: {min_score:.3g}",
          "reason": f"{SINK_SHARE:.0%} of the strongest sink's score ({profile.peak / profile.scale:.1f}x the token RMS at block "
                    f"{profile.emergence_layer}): only sink-like tokens take the slots, later sinks find one free"},
-        {"choice": f"KV layers to keep out of quantization: {keep if keep else 'none'}",
+        {"choice": f"kv_cache.exact_layers: {keep if keep else 'none'}",
          "reason": ("2-bit KL with only that layer quantized: " + ", ".join(f"{layer}: {kl:.4f}" for layer, kl in enumerate(per_layer))
-                    + f"; a layer is named when it alone costs >= {KV_KEEP_SHARE:.0%} of all layers' {whole:.4f}. The kv_cache "
-                      "scheme quantizes every layer; name them to the serving engine (vLLM --kv-cache-dtype-skip-layers)")},
+                    + f"; a layer is kept in full precision when it alone costs >= {KV_KEEP_SHARE:.0%} of all layers' {whole:.4f} "
+                      f"(each holds 16-bit keys and values: drop it from exact_layers to save its {1 / len(per_layer):.0%} of the cache)")},
     ]
     return recipe, reasons
 

@@ -29,6 +29,11 @@ class QuantsinkKVCacheBackend(KVCacheBackend):
     def build(self, scheme: KVCacheScheme, adapter: Adapter) -> Cache:
         if scheme.scales == "static":
             return DynamicCache()
+        layers = len(adapter.blocks())
+        beyond = [layer for layer in scheme.exact_layers if layer >= layers]
+        if beyond:
+            raise UserError(f"kv_cache.exact_layers names layer {beyond[0]}, but {adapter.source.spec} has {layers} decoder "
+                            f"layers (0 to {layers - 1}): pick from those")
         rotary = adapter.rotary_embedding() if scheme.keys.pre_rope else None
         ranges = calibrated_key_ranges(adapter.model) if scheme.keys.ranges == "calibrated" and scheme.quantizes else None
         return SinkQuantizedCache(scheme, rotary_embedding=rotary, key_ranges=ranges)

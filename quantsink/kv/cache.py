@@ -107,10 +107,12 @@ class SinkQuantizedLayer(DynamicLayer):
 
     def __init__(
         self, scheme: KVCacheScheme, rows: Rows, rotary_embedding: Optional[RotaryEmbedding] = None,
-        key_range: Optional[torch.Tensor] = None,
+        key_range: Optional[torch.Tensor] = None, exact: bool = False,
     ):
         super().__init__()
         self.scheme = scheme
+        # a layer of the scheme's exact_layers stores every token as it came, like DynamicCache
+        self.quantizes = scheme.quantizes and not exact
         self.rows = rows
         self.rotary_embedding = rotary_embedding
         self.key_range = key_range  # keys.ranges calibrated: (2, heads, head_dim), low then high
@@ -178,13 +180,13 @@ class SinkQuantizedLayer(DynamicLayer):
         self.length += key_states.shape[-2]
         # read before storing: the tokens of this call reach attention exact
         read = self._read("keys"), self._read("values")
-        if self.scheme.quantizes:
+        if self.quantizes:
             self._store()
         return read
 
     def store_decided(self) -> None:
         """Quantize what became storable when `offer_sinks` decided this layer's newest tokens."""
-        if self.is_initialized and self.scheme.quantizes:
+        if self.is_initialized and self.quantizes:
             self._store()
 
     def _streams(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -403,9 +405,11 @@ class SinkQuantizedCache(Cache):
                     "keys.ranges calibrated needs the key ranges kv-static calibrated: quantsink.kv_cache(model) of a model "
                     "quantized with this scheme, or SinkQuantizedCache(scheme, key_ranges=(layers, 2, heads, head_dim))"
                 )
-            super().__init__(layers=[layer(key_range=key_range) for key_range in key_ranges])
+            super().__init__(layers=[layer(key_range=key_range, exact=index in self.scheme.exact_layers)
+                                     for index, key_range in enumerate(key_ranges)])
         else:
-            super().__init__(layer_class_to_replicate=layer)
+            # transformers appends each new layer right after building it: its index is the count so far
+            super().__init__(layer_class_to_replicate=lambda: layer(exact=len(self.layers) in self.scheme.exact_layers))
 
     def set_attention_mask(self, attention_mask: torch.Tensor) -> None:
         """(batch, length) mask of the tokens about to be cached, 1 for real tokens and 0 for

@@ -10,7 +10,7 @@ pre-RoPE keys and the attention sinks kept in full precision.
 * `scales: dynamic` (the default): `SinkQuantizedCache` computes each group's range as tokens
   arrive (KIVI / KVQuant; quantsink.kv.cache says exactly how). Keys `per_channel` or
   `per_token`, values `per_token`; `group_size`, `residual_length`, `outlier_fraction`,
-  `keys.pre_rope` and `sinks` apply. `keys.ranges: calibrated` gives per-channel keys one range
+  `keys.pre_rope`, `sinks` and `exact_layers` (decoder layers kept in full precision) apply. `keys.ranges: calibrated` gives per-channel keys one range
   per channel calibrated offline with `observer` instead (KVQuant; quantsink.methods.kv_static).
 * `scales: static`: one symmetric scale per layer (`per_tensor`, the default) or per key/value
   head (`per_head`) for the keys and for the values, calibrated once on the calibration text
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from quantsink.registry import KV_CACHE_BACKENDS, normalise
 from quantsink.schema import ObserverName, PositiveInt, Schema, registered_in
@@ -135,6 +135,7 @@ class BackendSupport:
     pre_rope: bool = True
     outliers: bool = True
     calibrated_keys: bool = True
+    exact_layers: bool = True
 
     def incompatibility(self, name: str, scheme: "KVCacheScheme") -> Optional[str]:
         """Why backend `name` cannot run `scheme` (one line with the fix), or None."""
@@ -145,6 +146,7 @@ class BackendSupport:
             (scheme.keys.pre_rope and not self.pre_rope, "keys.pre_rope"),
             (scheme.outlier_fraction > 0 and not self.outliers, "outlier_fraction"),
             (scheme.keys.ranges == "calibrated" and not self.calibrated_keys, "keys.ranges calibrated"),
+            (bool(scheme.exact_layers) and not self.exact_layers, "exact_layers"),
             (scheme.scales == "dynamic" and keys not in self.key_granularities,
              f"usable keys.granularity {keys} (set {' or '.join(self.key_granularities)})"),
         ]
@@ -161,7 +163,8 @@ BACKEND_SUPPORT = {
     "quantsink": BackendSupport(bits=(2, 3, 4, 8, 16), scales=("dynamic", "static")),
     # transformers' QuantizedCache with optimum-quanto: keys per token (axis 0) or per channel
     # (axis -1, over whole groups of tokens only: quantsink.kv.backends refuses the rest when it runs)
-    "transformers-quanto": BackendSupport(bits=(2, 4), sinks=False, pre_rope=False, outliers=False, calibrated_keys=False),
+    "transformers-quanto": BackendSupport(bits=(2, 4), sinks=False, pre_rope=False, outliers=False, calibrated_keys=False,
+                                          exact_layers=False),
 }
 
 # the methods a scheme implies (quantsink.methods registers them), and the field that asks for each
@@ -184,6 +187,17 @@ class KVCacheScheme(Schema):
     outlier_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
     observer: ObserverName = "minmax"
     sinks: KVSinks = Field(default_factory=KVSinks)
+    # decoder layers (0-based) whose keys and values the dynamic cache keeps in full precision:
+    # the ones whose KV alone costs most (quantsink inspect measures and recommends them)
+    exact_layers: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+
+    @field_validator("exact_layers")
+    @classmethod
+    def _each_exact_layer_once(cls, layers: list[int]) -> list[int]:
+        repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+        if repeated:
+            raise ValueError(f"exact_layers names layer {repeated[0]} more than once: list each layer once")
+        return sorted(layers)
 
     @model_validator(mode="before")
     @classmethod
@@ -236,7 +250,7 @@ class KVCacheScheme(Schema):
                              "remove prefill or use scales: dynamic")
         defaults = type(self).model_fields
         dynamic_only = [name for name in DYNAMIC_ONLY if getattr(self, name) != defaults[name].default]
-        dynamic_only += [what for present, what in ((self.keys.pre_rope, "keys.pre_rope"),
+        dynamic_only += [what for present, what in ((self.keys.pre_rope, "keys.pre_rope"), (bool(self.exact_layers), "exact_layers"),
                                                     (self.keys.ranges != "group", "keys.ranges"))
                          if present]
         if dynamic_only:
@@ -291,7 +305,8 @@ class KVCacheScheme(Schema):
         keys = f"keys {self.keys.granularity}{' pre-RoPE' if self.keys.pre_rope else ''}"
         keys += f" in calibrated ranges ({self.observer})" if self.keys.ranges == "calibrated" else ""
         outliers = f", {self.outlier_fraction:.1%} outliers per vector" if self.outlier_fraction else ""
+        exact = f", layers {self.exact_layers} exact" if self.exact_layers else ""
         return (
             f"{self.backend} {self.bits}-bit, {keys}, values per_token, groups of {self.group_size}, "
-            f"residual {self.residual_length}{outliers}, sinks {sinks}"
+            f"residual {self.residual_length}{outliers}, sinks {sinks}{exact}"
         )

@@ -62,3 +62,8 @@ def test_recommended_kv_recipe(llm_case):
     sinks = recipe.kv_cache.sinks
     assert sinks.method == "kvsink" and sinks.num_sinks >= 5
     assert recipe.kv_cache.bits == llm_case["default"].kv_cache.bits
+    # the layers whose 2-bit KV alone costs a quarter of all layers' stay exact in the recipe itself
+    kv = llm_case["inspection"].data["kv_sensitivity"]
+    whole = kv["all_layers_kl"]["2"]["none"]
+    expected = [layer for layer, kl in enumerate(kv["per_layer_kl"]["2"]) if kl >= 0.25 * whole]
+    assert expected and recipe.kv_cache.exact_layers == expected

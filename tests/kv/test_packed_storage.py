@@ -130,3 +130,45 @@ def test_16_bits_returns_what_dynamic_cache_returns_and_holds_the_same_bytes():
             dynamic.update(states[..., start:stop, :], states[..., start:stop, :], 0)
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     assert cache.memory().measured == sum(t.untyped_storage().nbytes() for t in (dynamic.layers[0].keys, dynamic.layers[0].values))
+
+
+def test_exact_layers_keep_every_token_as_it_came_while_the_others_are_packed():
+    scheme = KVCacheScheme(bits=2, group_size=64, residual_length=128, exact_layers=[1])
+    cache, dynamic = SinkQuantizedCache(scheme), DynamicCache()
+    generator = torch.Generator().manual_seed(0)
+    for layer in range(3):
+        states = torch.randn(1, 4, 512, 64, generator=generator).half()
+        cache.update(states, states, layer)
+        dynamic.update(states, states, layer)
+    assert torch.equal(cache.layers[1].keys, dynamic.layers[1].keys) and torch.equal(cache.layers[1].values, dynamic.layers[1].values)
+    assert not cache.layers[1].packed
+    for quantized in (0, 2):
+        assert not torch.equal(cache.layers[quantized].keys, dynamic.layers[quantized].keys)
+        assert int(cache.layers[quantized].packed["values"].count) == 512 - 128
+    full_precision = 2 * 512 * 4 * 64 * 2  # the exact layer's keys and values, fp16
+    assert cache.layers[1].memory(torch.tensor([512])).full_precision == full_precision
+    assert cache.memory().measured == pytest.approx(cache.memory().total, rel=0.05)
+
+
+@pytest.mark.parametrize(("scheme", "message"), [
+    ({"scales": "static", "bits": 8, "exact_layers": [0]}, "exact_layers applies to dynamic scales"),
+    ({"backend": "transformers-quanto", "bits": 2, "exact_layers": [0]}, "backend transformers-quanto has no exact_layers"),
+    ({"exact_layers": [1, 1]}, "exact_layers names layer 1 more than once"),
+])
+def test_exact_layers_are_refused_where_they_cannot_apply(scheme, message):
+    with pytest.raises(ValueError) as error:
+        KVCacheScheme(**scheme)
+    assert message in str(error.value)
+
+
+def test_an_exact_layer_past_the_models_layers_is_refused_when_its_cache_is_built():
+    from quantsink.errors import UserError
+    from quantsink.kv.attach import build_kv_cache
+    from quantsink.testing.tiny import build_tiny_causal_lm
+
+    adapter = build_tiny_causal_lm(layers=2)
+    assert build_kv_cache(KVCacheScheme(bits=2, exact_layers=[1]), adapter).layers == []  # built lazily, layer 1 in range
+    with pytest.raises(UserError) as error:
+        build_kv_cache(KVCacheScheme(bits=2, exact_layers=[2]), adapter)
+    message = str(error.value)
+    assert "exact_layers names layer 2" in message and "has 2 decoder layers (0 to 1)" in message and "\n" not in message
