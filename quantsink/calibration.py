@@ -14,6 +14,7 @@ from torch import nn
 
 from quantsink.errors import UserError
 from quantsink.models.base import Adapter, hidden_states_of
+from quantsink.models.handles import HandleSet
 
 
 @dataclass
@@ -88,12 +89,10 @@ class StatisticsCollector:
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["StatisticsCollector"]:
-        handles = [block.register_forward_hook(self._on_block_output(i)) for i, block in enumerate(self.adapter.blocks())]
-        try:
+        with HandleSet(self.adapter.model, "activation-statistics") as handles:
+            for index, block in enumerate(self.adapter.blocks()):
+                handles.add(block.register_forward_hook(self._on_block_output(index)))
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @torch.no_grad()
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

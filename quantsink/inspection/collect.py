@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from quantsink.calibration import finite_block_output
 from quantsink.methods.regcache.profile import MASSIVE_RATIO
 from quantsink.models.base import Adapter
+from quantsink.models.handles import HandleSet
 from quantsink.models.probe import Tally, require_runs
 
 TOP_TOKENS = 5
@@ -228,17 +229,16 @@ class InspectionCollector:
     @contextlib.contextmanager
     def attached(self) -> Iterator["InspectionCollector"]:
         model = self.adapter.model
-        handles = [block.register_forward_hook(self._on_block(i)) for i, block in enumerate(self.adapter.blocks())]
-        handles += [model.get_submodule(name).register_forward_pre_hook(self._on_linear(name)) for name in self.linears]
-        for index in range(len(self.block_names)):
-            attention = self.adapter.attention(index)
-            handles.append(attention.register_forward_pre_hook(self._enter_attention(index)))
-            handles.append(attention.register_forward_hook(self._leave_attention))
-        try:
+        with HandleSet(model, "inspection") as handles:
+            for index, block in enumerate(self.adapter.blocks()):
+                handles.add(block.register_forward_hook(self._on_block(index)))
+            for name in self.linears:
+                handles.add(model.get_submodule(name).register_forward_pre_hook(self._on_linear(name)))
+            for index in range(len(self.block_names)):
+                attention = self.adapter.attention(index)
+                handles.add(attention.register_forward_pre_hook(self._enter_attention(index)))
+                handles.add(attention.register_forward_hook(self._leave_attention))
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @torch.no_grad()
     def run(self, inputs: dict[str, torch.Tensor], texts: Optional[list[list[str]]]) -> None:
