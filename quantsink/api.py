@@ -11,7 +11,7 @@ from typing import Any, Optional
 from torch import nn
 from transformers.cache_utils import Cache
 
-from quantsink import io, pipeline
+from quantsink import distributed, io, pipeline
 from quantsink.calibration import ActivationStats
 from quantsink.data import load_samples
 from quantsink.errors import UserError
@@ -58,6 +58,10 @@ class QuantizationResult:
         return self.adapter.model
 
     def save(self, destination: str | os.PathLike) -> Path:
+        """Write the output folder; under torchrun rank 0 alone writes it (every rank holds the
+        same result) and the others return its path."""
+        if not distributed.is_main():
+            return Path(destination)
         return pipeline.export(self.artifact, destination)
 
 
@@ -72,12 +76,18 @@ def quantize(
 ) -> QuantizationResult:
     """Quantize `model` (a spec string, an nn.Module, or None for the recipe's `model`) as the
     recipe says, through the stages of quantsink.pipeline. An nn.Module is quantized in place.
-    `calibration`, `num_samples` and `seed` override the recipe's calibration section."""
+    `calibration`, `num_samples` and `seed` override the recipe's calibration section.
+
+    Launched by torchrun with several ranks, each rank calibrates its shard of the calibration
+    set and every rank ends with the single-process model and method state
+    (quantsink.distributed); rank 0 alone shows progress and evaluates on the holdout, so only
+    its report holds the fidelity."""
     recipe = with_overrides(Recipe.coerce(recipe), calibration, num_samples, seed)
     spec = model if model is not None else recipe.model
     if spec is None:
         raise UserError("no model given: pass MODEL or set 'model:' in the recipe")
-    artifact, stats = pipeline.run(spec, recipe, progress)
+    distributed.initialize()
+    artifact, stats = pipeline.run(spec, recipe, progress and distributed.is_main())
     return QuantizationResult(artifact, stats)
 
 

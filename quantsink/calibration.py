@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from functools import reduce
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from torch import nn
 from quantsink.errors import UserError
 from quantsink.models.base import Adapter, hidden_states_of
 from quantsink.models.handles import HandleSet
+from quantsink.recipe import ExecutionConfig
+from quantsink.sequential import IN_MEMORY, forward_passes
 
 
 @dataclass
@@ -47,6 +50,17 @@ class ActivationStats:
 
     def summary(self, top: int = 5) -> list[dict[str, Any]]:
         return [self.block_summary(block, top) for block in range(len(self.block_names))]
+
+    @classmethod
+    def merged(cls, parts: Sequence["ActivationStats"]) -> "ActivationStats":
+        """The statistics of the batches behind each of `parts` in turn, as one pass over all of
+        them gives (the data-parallel merge: samples in order, channel maxima)."""
+        blocks = range(len(parts[0].block_names))
+        return cls(
+            block_names=parts[0].block_names,
+            token_linf=[[norms for part in parts for norms in part.token_linf[block]] for block in blocks],
+            channel_absmax=[reduce(torch.maximum, [part.channel_absmax[block] for part in parts]) for block in blocks],
+        )
 
 
 def finite_block_output(output: Any, block_name: str) -> torch.Tensor:
@@ -94,12 +108,19 @@ class StatisticsCollector:
                 handles.add(block.register_forward_hook(self._on_block_output(index)))
             yield self
 
-    @torch.no_grad()
-    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def begin(self, inputs: dict[str, torch.Tensor]) -> None:
+        """`inputs` enter the model (or, in a sequential pass, a block): their real tokens."""
         self._mask = self.adapter.token_mask(inputs)
         if self._mask is not None:
             self._mask = self._mask.bool()
-        return self.adapter.embed(inputs)
+
+    def collect(self, batches: Sequence[dict[str, torch.Tensor]], execution: ExecutionConfig = IN_MEMORY,
+                watched: Sequence[str] = (), progress: bool = False,
+                after_block: Optional[Callable[[nn.Module], None]] = None) -> list[torch.Tensor]:
+        """Run `batches` through the model as `execution` says (inside `attached()`); their
+        embeddings (`after_block`: see `forward_passes`)."""
+        return forward_passes(self.adapter, batches, execution, self.begin, watched, progress=progress,
+                              after_block=after_block)
 
     def result(self) -> ActivationStats:
         return ActivationStats(

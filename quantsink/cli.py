@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from quantsink.errors import UserError
+
+if TYPE_CHECKING:
+    from quantsink.recipe import Recipe
 
 log = logging.getLogger("quantsink")
 
@@ -67,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="calibration data: 'bundled', an image folder, a text file or a folder of text files")
     quantize.add_argument("--num-samples", type=int, metavar="N", help="calibration samples (overrides the recipe)")
     quantize.add_argument("--seed", type=int, metavar="S", help="sampling seed (overrides the recipe)")
+    quantize.add_argument("--pipeline", choices=("in_memory", "sequential"),
+                          help="calibration passes: each batch through the whole model, or the whole set through one "
+                               "block at a time (overrides the recipe's execution.pipeline)")
+    quantize.add_argument("--offload-dir", type=Path, metavar="DIR",
+                          help="keep the block inputs and the weights on disk there, one block resident at a time "
+                               "(implies --pipeline sequential; the model must be a local folder)")
     add_verbosity(quantize)
 
     evaluate = commands.add_parser(
@@ -112,17 +122,38 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> None:
-    from quantsink import io
+    from quantsink import distributed, io
     from quantsink.api import quantize
     from quantsink.recipe import Recipe
 
-    recipe = Recipe.from_yaml(args.recipe)
+    recipe = with_execution(Recipe.from_yaml(args.recipe), args.pipeline, args.offload_dir)
     output = args.output or Path("out") / recipe.name
-    io.check_output_dir(output)  # before any calibration: a result that cannot be written is time lost
-    result = quantize(args.model, recipe, args.calib,
-                      num_samples=args.num_samples, seed=args.seed, progress=not args.quiet)
-    result.save(output)
-    print(format_summary(result.report, output))
+    try:
+        if distributed.initialize() and not distributed.is_main():
+            quiet_down()  # under torchrun rank 0 reports for all ranks
+        if distributed.is_main():  # the rank that writes it: another could find it already written
+            io.check_output_dir(output)  # before any calibration: a result that cannot be written is time lost
+        result = quantize(args.model, recipe, args.calib,
+                          num_samples=args.num_samples, seed=args.seed, progress=not args.quiet)
+        result.save(output)
+        if distributed.is_main():
+            print(format_summary(result.report, output))
+    finally:
+        distributed.teardown()
+
+
+def with_execution(recipe: Recipe, pipeline: Optional[str], offload_dir: Optional[Path]) -> Recipe:
+    """The recipe with --pipeline and --offload-dir in its execution section."""
+    from quantsink.recipe import Recipe
+
+    if pipeline is None and offload_dir is None:
+        return recipe
+    execution = recipe.execution.model_dump()
+    if offload_dir is not None:
+        execution.update(pipeline="sequential", offload_dir=str(offload_dir))
+    if pipeline is not None:
+        execution["pipeline"] = pipeline
+    return Recipe.from_dict({**recipe.to_dict(), "execution": execution}, origin="recipe with command-line overrides")
 
 
 def format_regcache_lines(regcache: dict) -> list[str]:
@@ -230,18 +261,31 @@ def run_models(_args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + ("  " + row[3] if row[3] else ""))
 
 
+def quiet_down() -> None:
+    """Warnings and errors only, and no progress bar of transformers (its weight-loading bar
+    ignores our logging level)."""
+    from transformers.utils import logging as transformers_logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     drop_third_party_noise()
     if args.quiet and args.command != "models":  # `models` loads nothing: keep it free of transformers
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # its weight-loading bar ignores our logging level
+        quiet_down()
     try:
+        if args.command != "quantize" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(f"quantsink {args.command} runs in one process; torchrun --nproc-per-node N shards the calibration "
+                            "of quantsink quantize only: run it without torchrun")
         {"quantize": run_quantize, "eval": run_eval, "inspect": run_inspect, "models": run_models}[args.command](args)
     except UserError as error:
-        print(f"quantsink: error: {error}", file=sys.stderr)
+        # under torchrun every rank that fails says so (torchrun then ends the others); RANK is
+        # torchrun's, read without importing torch
+        rank = os.environ.get("RANK", "0")
+        print(f"quantsink: error{'' if rank == '0' else f' (rank {rank})'}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("quantsink: interrupted; nothing was written", file=sys.stderr)

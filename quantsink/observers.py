@@ -3,10 +3,16 @@
 Every observer takes tensors shaped (groups, n): one row per quantization group (one row for a
 per-tensor activation, one per output channel for per-channel weights) and may be fed many
 batches. `range()` gives (lo, hi), each of shape (groups,).
+
+For data-parallel calibration (quantsink.distributed) an observer gives what it accumulated
+(`accumulated()`) and absorbs every rank's, in rank order (`absorb`): it then holds what one
+observer fed the batches of all ranks in that order would hold, bit for bit.
 """
 from __future__ import annotations
 
 import math
+from functools import reduce
+from typing import Any
 
 import torch
 
@@ -38,6 +44,17 @@ class Observer:
             raise RuntimeError("observer saw no data: the calibration pass never reached this module")
         return self.lo, self.hi
 
+    def accumulated(self) -> dict[str, Any]:
+        """What `observe` has gathered so far, for `absorb` in another process."""
+        return {"lo": self.lo, "hi": self.hi}
+
+    def absorb(self, parts: list[dict[str, Any]]) -> None:
+        """Hold what one observer fed, in order, the batches behind each of `parts` (from
+        `accumulated`, this observer's own among them) would hold."""
+        device = self.lo.device
+        self.lo = reduce(torch.minimum, [part["lo"].to(device) for part in parts])
+        self.hi = reduce(torch.maximum, [part["hi"].to(device) for part in parts])
+
 
 OBSERVERS.register("minmax")(Observer)
 
@@ -53,8 +70,10 @@ class PercentileObserver(Observer):
     def __init__(self, bits: int, symmetric: bool, percentile: float = 99.99):
         super().__init__(bits, symmetric)
         self.percentile = percentile
-        self._sums: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._batches = 0
+        # per batch, summed in batch order only in `range`, so that batches observed by other
+        # ranks sum in the same order as in one process
+        self._los: list[torch.Tensor] = []
+        self._his: list[torch.Tensor] = []
 
     def observe(self, rows: torch.Tensor) -> None:
         super().observe(rows)
@@ -63,12 +82,21 @@ class PercentileObserver(Observer):
         q = self.percentile / 100.0
         lo = torch.quantile(rows, 1.0 - q, dim=1)
         hi = torch.quantile(rows, q, dim=1)
-        self._sums = (lo, hi) if self._sums is None else (self._sums[0] + lo, self._sums[1] + hi)
-        self._batches += 1
+        self._los.append(lo)
+        self._his.append(hi)
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         super().range()
-        return self._sums[0] / self._batches, self._sums[1] / self._batches
+        return reduce(torch.add, self._los) / len(self._los), reduce(torch.add, self._his) / len(self._his)
+
+    def accumulated(self) -> dict[str, Any]:
+        return {**super().accumulated(), "los": self._los, "his": self._his}
+
+    def absorb(self, parts: list[dict[str, Any]]) -> None:
+        device = self.lo.device
+        super().absorb(parts)
+        self._los = [lo.to(device) for part in parts for lo in part["los"]]
+        self._his = [hi.to(device) for part in parts for hi in part["his"]]
 
 
 @OBSERVERS.register("mse")
@@ -83,15 +111,25 @@ class MSEObserver(Observer):
     def __init__(self, bits: int, symmetric: bool):
         super().__init__(bits, symmetric)
         self._samples: list[torch.Tensor] = []
-        self._generator = torch.Generator().manual_seed(0)
 
     def observe(self, rows: torch.Tensor) -> None:
         super().observe(rows)
         rows = rows.detach().float()
         if rows.shape[1] > self.RESERVOIR_PER_ROW:
-            keep = torch.randperm(rows.shape[1], generator=self._generator)[: self.RESERVOIR_PER_ROW]
+            # a generator of its own per batch: a batch's subsample must not depend on the batches
+            # before it, which another rank may have observed
+            generator = torch.Generator().manual_seed(0)
+            keep = torch.randperm(rows.shape[1], generator=generator)[: self.RESERVOIR_PER_ROW]
             rows = rows[:, keep]
         self._samples.append(rows)
+
+    def accumulated(self) -> dict[str, Any]:
+        return {**super().accumulated(), "samples": self._samples}
+
+    def absorb(self, parts: list[dict[str, Any]]) -> None:
+        device = self.lo.device
+        super().absorb(parts)
+        self._samples = [samples.to(device) for part in parts for samples in part["samples"]]
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = super().range()

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantsink import distributed
 from quantsink.calibration import ActivationStats, StatisticsCollector
 from quantsink.data import batched, load_samples
 from quantsink.errors import UserError
@@ -36,8 +37,10 @@ from quantsink.models import resolve
 from quantsink.models.base import Adapter
 from quantsink.models.probe import require_modules_run, require_runs, tallied_modules
 from quantsink.quantizers.base import Quantizer
-from quantsink.recipe import CalibrationConfig, QuantizationConfig, Recipe
+from quantsink.recipe import CalibrationConfig, ExecutionConfig, QuantizationConfig, Recipe
 from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
+from quantsink.models.streaming import abandon, make_resident, streamed
+from quantsink.sequential import IN_MEMORY
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +73,47 @@ def plan(recipe: Recipe) -> list[Method]:
         problem = EXPORT_FORMATS.get(recipe.export.format).incompatibility(recipe.quantization)
         if problem is not None:
             raise UserError(problem)
+        config = recipe.quantization
+        static = config.activations is not None and not config.activations.dynamic
+        if static and distributed.world_size() > 1 and not QUANTIZERS.get(config.backend).merges_input_statistics:
+            raise UserError(
+                f"quantization.backend {config.backend} keeps its own input statistics, which cannot be merged across "
+                f"{distributed.world_size()} ranks exactly: calibrate in one process or use backend fake, int8 or torchao"
+            )
     return methods
 
 
 def load(spec: str | nn.Module, recipe: Recipe, methods: list[Method]) -> Adapter:
-    adapter = resolve(spec)
-    if recipe.kv_cache is not None:
-        # static scales are calibrated by the kv-static method, named as it is in the folder
-        require_kv_cache(adapter, "kv-static" if recipe.kv_cache.scales == "static" else "a kv_cache recipe")
-    for method in methods:
-        require_capabilities(method, adapter)
+    execution = recipe.execution
+    if execution.offload_dir is None:
+        adapter = resolve(spec)
+    else:
+        refuse_streaming(recipe, methods)
+        adapter = resolve(spec, offload_dir=execution.offload_dir)
+    try:
+        if recipe.kv_cache is not None:
+            # static scales are calibrated by the kv-static method, named as it is in the folder
+            require_kv_cache(adapter, "kv-static" if recipe.kv_cache.scales == "static" else "a kv_cache recipe")
+        for method in methods:
+            require_capabilities(method, adapter)
+    except BaseException:
+        abandon(adapter)  # weights streamed from disk: their private folder goes too
+        raise
     return adapter
+
+
+def refuse_streaming(recipe: Recipe, methods: list[Method]) -> None:
+    """What cannot run with the block weights on disk, refused before anything loads: a block
+    goes back to disk after each call, so a write into its weights outside the calibration pass
+    would be lost."""
+    where = f"with the weights streamed from disk (execution.offload_dir {recipe.execution.offload_dir})"
+    for method in methods:
+        if method.writes_weights:
+            raise UserError(f"{method.name} writes the model's weights, which {where} go back to disk unchanged after each "
+                            "block: drop offload_dir (keep pipeline: sequential for the block inputs) or the method")
+    if recipe.quantization is not None and not QUANTIZERS.get(recipe.quantization.backend).freezes_by_block:
+        raise UserError(f"quantization.backend {recipe.quantization.backend} quantizes the whole model at once, and {where} "
+                        "each block is quantized at the end of its pass: use backend fake or int8, or drop offload_dir")
 
 
 def preprocess_all(adapter: Adapter, samples: list[Any], batch_size: int, max_length: Optional[int]) -> list[dict[str, Any]]:
@@ -102,20 +135,50 @@ def run_methods(context: MethodContext, methods: list[Method]) -> dict[str, Any]
     return {method.name: method.apply(context) for method in methods}
 
 
-def calibrate(adapter: Adapter, quantizer: Quantizer, batches: list[dict[str, Any]], progress: bool = True) -> Calibration:
-    """Prepare the quantizer's targets and run the calibration pass, which must reach each one."""
+def calibrate(adapter: Adapter, quantizer: Quantizer, batches: list[dict[str, Any]], progress: bool = True,
+              execution: ExecutionConfig = IN_MEMORY) -> Calibration:
+    """Prepare the quantizer's targets and run the calibration pass as `execution` says; the pass
+    must reach each target. Under torchrun each rank runs its shard of `batches`, and the
+    statistics and input observers are merged in rank order: every rank ends with what one
+    process calibrated on all of `batches` ends with (quantsink.distributed)."""
     targets = quantizer.prepare(adapter.model)
     collector = StatisticsCollector(adapter)
+    shard = distributed.shard(batches)
     started = time.perf_counter()
 
+    # under torchrun the ranks' input observers are merged before any scale is set from them
+    observers: dict[str, Any] = {}
+
+    def merge(names: list[str]) -> None:
+        parts = distributed.gather([observers[name].accumulated() for name in names])
+        for index, name in enumerate(names):
+            observers.pop(name).absorb([rank_parts[index] for rank_parts in parts])
+
+    block_names = {id(block): name for block, name in zip(adapter.blocks(), adapter.block_names())}
+
+    def freeze_block(block: nn.Module) -> None:
+        prefix = block_names[id(block)] + "."
+        merge([name for name in observers if name.startswith(prefix)])
+        quantizer.freeze(block)
+
+    # weights streamed from disk: each block is quantized while it is resident, at the end of its pass
+    after_block = freeze_block if streamed(adapter) is not None else None
+
     def calibration_pass() -> None:
-        for inputs in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-            collector.run(inputs)
+        collector.collect(shard, execution, watched=targets, progress=progress, after_block=after_block)
 
     with collector.attached(), quantizer.calibrating(adapter.model), tallied_modules(adapter.model, targets) as tallies:
+        if distributed.world_size() > 1:
+            observers.update(quantizer.input_observers(adapter.model, targets))
         require_runs(adapter.model, tallies, calibration_pass, during="the calibration pass",
                      fix="the model never calls it; add it to quantization.ignore")
-    return Calibration(targets=targets, stats=collector.result(), seconds=time.perf_counter() - started)
+        merge(list(observers))  # those outside the blocks, or all of them when no block was frozen in the pass
+    stats = collector.result()
+    if distributed.world_size() > 1:
+        parts = distributed.gather((stats.token_linf, stats.channel_absmax), stats.channel_absmax[0].device)
+        stats = ActivationStats.merged([ActivationStats(stats.block_names, token_linf, channel_absmax)
+                                        for token_linf, channel_absmax in parts])
+    return Calibration(targets=targets, stats=stats, seconds=time.perf_counter() - started)
 
 
 def quantize(adapter: Adapter, quantizer: Quantizer, calibration: Calibration) -> dict[str, Any]:
@@ -180,10 +243,22 @@ def run(spec: str | nn.Module, recipe: Recipe, progress: bool = True) -> tuple[A
     recipe quantizes Linears."""
     methods = plan(recipe)
     adapter = load(spec, recipe, methods)
+    try:
+        return run_loaded(adapter, recipe, methods, progress)
+    except BaseException:
+        abandon(adapter)  # weights streamed from disk: their private folder goes too
+        raise
+
+
+def run_loaded(adapter: Adapter, recipe: Recipe, methods: list[Method], progress: bool) -> tuple[Artifact, Optional[ActivationStats]]:
     splits = data(adapter, recipe.calibration)
     # static KV scales go into the model as weights do: measured as the model's fidelity
     static_kv = recipe.kv_cache is not None and recipe.kv_cache.scales == "static"
-    reference = embed_batches(adapter, splits.holdout) if recipe.quantization is not None or static_kv else None
+    # under torchrun rank 0 alone evaluates (the others' results are the same and never written);
+    # a set too small to shard is refused first, by every rank alike, before rank 0 works alone
+    distributed.require_shards(len(splits.calibration))
+    evaluated = (recipe.quantization is not None or static_kv) and distributed.is_main()
+    reference = embed_batches(adapter, splits.holdout) if evaluated else None
 
     def make_quantizer() -> Quantizer:
         return QUANTIZERS.get(recipe.quantization.backend)(recipe.quantization)
@@ -202,7 +277,9 @@ def run(spec: str | nn.Module, recipe: Recipe, progress: bool = True) -> tuple[A
     quantizer, stats = None, None
     if recipe.quantization is not None:
         quantizer = make_quantizer()
-        calibration = calibrate(adapter, quantizer, splits.calibration, progress)
+        calibration = calibrate(adapter, quantizer, splits.calibration, progress, recipe.execution)
+        # streamed weights: the quantized blocks come back from disk for good (the export writes one file)
+        make_resident(adapter)
         report["calibration"]["seconds"] = calibration.seconds
         for entry in report["methods"].values():
             if "cost" in entry:  # a method's measured cost, in units of this calibration pass
@@ -213,6 +290,7 @@ def run(spec: str | nn.Module, recipe: Recipe, progress: bool = True) -> tuple[A
         report["fidelity"] = evaluate(adapter, reference, splits.holdout)
     if recipe.kv_cache is not None:
         attach_kv_cache(adapter, recipe.kv_cache)
-        if not static_kv:
+        if not static_kv and distributed.is_main():
             report["kv_cache"] = kv_cache_fidelity(adapter, splits.holdout, recipe.kv_cache, progress=progress)
+    make_resident(adapter)
     return Artifact(adapter=adapter, recipe=recipe, quantizer=quantizer, methods=tuple(methods), report=report), stats

@@ -6,7 +6,7 @@ import os
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -35,6 +35,23 @@ class CalibrationConfig(Schema):
     seed: Annotated[int, Field(ge=0)] = 0
     holdout: PositiveInt = 32
     seq_len: Optional[PositiveInt] = None
+
+
+class ExecutionConfig(Schema):
+    """How calibration passes go through the model (quantsink.sequential). `pipeline`:
+    in_memory (each batch through the whole model) or sequential (the whole set through one
+    block at a time). `offload_dir` (sequential only): the residual streams between blocks go
+    there instead of memory, and so do the weights: the model loads with its blocks on disk, each
+    read in for its turn and quantized there (quantsink.models.streaming)."""
+
+    pipeline: Literal["in_memory", "sequential"] = "in_memory"
+    offload_dir: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _offload_needs_sequential(self) -> "ExecutionConfig":
+        if self.offload_dir is not None and self.pipeline != "sequential":
+            raise ValueError("offload_dir keeps block inputs and weights on disk between blocks: it needs pipeline: sequential")
+        return self
 
 
 class WeightArgs(Schema):
@@ -95,6 +112,7 @@ class Recipe(Schema):
     name: str = "quantsink"
     model: Optional[str] = None
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     methods: list[dict[str, Any]] = Field(default_factory=list)
     quantization: Optional[QuantizationConfig] = Field(default_factory=QuantizationConfig)
     kv_cache: Optional[KVCacheScheme] = None

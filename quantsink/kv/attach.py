@@ -37,6 +37,7 @@ def attach_kv_cache(adapter: Adapter, scheme: KVCacheScheme) -> HandleSet:
         setattr(model, KV_CACHE_ATTRIBUTE, scheme)
         handles.on_remove(lambda: model.__dict__.pop(KV_CACHE_ATTRIBUTE, None))
         handles.add(model.register_forward_pre_hook(hand_over_attention_mask, with_kwargs=True))
+        handles.carries()  # the mask goes to the call's own cache
         probe_cache = SinkQuantizedCache(KVCacheScheme(bits=16))
         require_runs(model, [tally], lambda: adapter.probe_kv_cache(probe_cache))
     return handles

@@ -39,6 +39,9 @@ class Method(ABC):
     # the capability Protocols (quantsink.models.capabilities) the adapter must offer, checked
     # once by `require_capabilities` before the method is applied or restored
     requires: ClassVar[tuple[type, ...]] = ()
+    # whether `apply` writes into the model's weights (folding, quantized trials): refused when
+    # the weights stream from disk, where a block's writes are lost when it goes back
+    writes_weights: ClassVar[bool] = False
 
     def __init__(self, options: BaseModel):
         self.options = options

@@ -125,9 +125,14 @@ class CallSinks:
                 self.current = None
 
         with installing(model, "kv-static-sinks") as handles:
+            handles.carries(self)  # the call's sinks, decided before it, read by every block's attention
             handles.add(model.register_forward_pre_hook(decide, with_kwargs=True))
             handles.add(model.register_forward_hook(done))
             if self.sinks.method == "kvsink":
+                handles.needs_whole_forwards(
+                    "kv_cache.sinks kvsink with static scales predicts each call's sinks with a forward to block "
+                    "l_E before block 0 runs, which a pass one block at a time cannot do: use pipeline: in_memory, "
+                    "or sinks: {method: pfn}")
                 profile, options = self.predictor
                 tallies.append(Tally(f"the static-scale kvsink scores on decoder block {profile.emergence_layer}"))
 
@@ -140,6 +145,12 @@ class CallSinks:
             require_runs(model, tallies, lambda: adapter.embed(adapter.probe_inputs()))
         self.handles = handles
         return handles
+
+    def forward_state(self) -> Optional[torch.Tensor]:
+        return self.current
+
+    def load_forward_state(self, state: Optional[torch.Tensor]) -> None:
+        self.current = state
 
     def _decide(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         tokens = kwargs.get("input_ids", args[0] if args else None)
@@ -260,6 +271,7 @@ def install(
     by a probe forward to run in every block."""
     exact = sinks.method != "none" and sinks.at_inference == "exact"
     with installing(adapter.model, "kv-static") as handles:
+        handles.carries()  # each block quantizes its own keys and values; the sinks are kv-static-sinks'
         decision = call_sinks(adapter, sinks) if exact else None
         if decision is not None:
             handles.add(decision.handles)
@@ -328,6 +340,7 @@ def install_key_ranges(adapter: Adapter, key_ranges: torch.Tensor) -> HandleSet:
     """Leave the calibrated key ranges on the model for the caches the backend builds."""
     model = adapter.model
     with installing(model, "kv-static") as handles:
+        handles.carries()
         setattr(model, KEY_RANGES_ATTRIBUTE, key_ranges)
         handles.on_remove(lambda: model.__dict__.pop(KEY_RANGES_ATTRIBUTE, None))
     return handles

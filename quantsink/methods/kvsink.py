@@ -56,13 +56,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Annotated, Any
+from functools import reduce
+from typing import Annotated, Any, Iterable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from tqdm.auto import tqdm
 
+from quantsink import distributed
 from quantsink.errors import CheckpointError, UserError
 from quantsink.kv.cache import SinkQuantizedCache
 from quantsink.kv.scheme import KVCacheScheme, SinkProfiling
@@ -71,7 +72,9 @@ from quantsink.models.base import Adapter, hidden_states_of
 from quantsink.models.capabilities import KVCacheHost
 from quantsink.models.handles import HandleSet, installing
 from quantsink.models.probe import Tally, require_runs
+from quantsink.recipe import ExecutionConfig
 from quantsink.registry import METHODS
+from quantsink.sequential import IN_MEMORY, forward_passes
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +122,11 @@ def stable_ratios(ratios: torch.Tensor, stable_fraction: float) -> torch.Tensor:
 
 
 def profile_sinks(
-    adapter: Adapter, batches: list[dict[str, torch.Tensor]], options: SinkProfiling, progress: bool = True
+    adapter: Adapter, batches: Iterable[dict[str, torch.Tensor]], options: SinkProfiling, progress: bool = True,
+    execution: ExecutionConfig = IN_MEMORY,
 ) -> SinkProfile:
-    """Find the emergence layer and the ranked stable outlier channels (module docstring)."""
+    """Find the emergence layer and the ranked stable outlier channels (module docstring), with
+    the passes run as `execution` says."""
     blocks = adapter.blocks()
     peaks: list[torch.Tensor | None] = [None] * len(blocks)
     scales: list[list[float]] = [[] for _ in blocks]
@@ -143,15 +148,22 @@ def profile_sinks(
 
         return hook
 
+    def enter(inputs: dict[str, torch.Tensor]) -> None:
+        nonlocal real
+        mask = adapter.token_mask(inputs)
+        real = mask.bool() if mask is not None else None
+
     handles = [block.register_forward_hook(watch(index)) for index, block in enumerate(blocks)]
     try:
-        for inputs in tqdm(batches, desc="kvsink profile", unit="batch", disable=not progress):
-            mask = adapter.token_mask(inputs)
-            real = mask.bool() if mask is not None else None
-            adapter.embed(inputs)
+        forward_passes(adapter, distributed.shard(batches), execution, enter, desc="kvsink profile", progress=progress)
     finally:
         for handle in handles:
             handle.remove()
+    # under torchrun: every rank's shard in rank order, as one pass over all batches would have
+    # it, so that every rank installs the same profile
+    parts = distributed.gather((peaks, scales), peaks[0].device)
+    peaks = [reduce(torch.maximum, [rank_peaks[index] for rank_peaks, _ in parts]) for index in range(len(blocks))]
+    scales = [[value for _, rank_scales in parts for value in rank_scales[index]] for index in range(len(blocks))]
 
     scale = torch.tensor([sum(values) / len(values) for values in scales]).clamp_min(1e-12)
     ratios = torch.stack(peaks) / scale.unsqueeze(1)  # (blocks, channels)
@@ -222,6 +234,7 @@ def install(adapter: Adapter, profile: SinkProfile, options: SinkProfiling = Sin
         setattr(model, PREDICTOR_ATTRIBUTE, (profile, options))
         handles.on_remove(lambda: model.__dict__.pop(PREDICTOR_ATTRIBUTE, None))
         handles.add(block.register_forward_hook(offer, with_kwargs=True))
+        handles.carries()  # each call's scores go straight to that call's cache
         probe_cache = SinkQuantizedCache(KVCacheScheme(sinks={"method": "kvsink", "num_sinks": 1}))
         require_runs(adapter.model, [tally], lambda: adapter.probe_kv_cache(probe_cache))
     return handles
@@ -253,7 +266,8 @@ class KVSink(Method):
         self.profile: SinkProfile | None = None
 
     def apply(self, context: MethodContext) -> dict[str, Any]:
-        self.profile = profile_sinks(context.adapter, context.calibration_batches, self.options, context.progress)
+        self.profile = profile_sinks(context.adapter, context.calibration_batches, self.options, context.progress,
+                                     context.recipe.execution)
         install(context.adapter, self.profile, self.options)
         return self.profile.model_dump()
 

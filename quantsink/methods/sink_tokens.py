@@ -253,6 +253,13 @@ class OutlierRows:
         self.index, self.shape = None, None
         self.rows.clear()
 
+    def forward_state(self) -> tuple:
+        """The rows the predictor found in this forward, which the Linears of later blocks use."""
+        return self.positions, self.index, self.shape
+
+    def load_forward_state(self, state: tuple) -> None:
+        self.positions, self.index, self.shape = state
+
     def before(self, module: nn.Module, args: tuple) -> Optional[tuple]:
         position = self.positions.get(id(module))
         if position is None:
@@ -314,6 +321,7 @@ def install(adapter: Adapter, profile: SinkTokensProfile) -> HandleSet:
         handles.add(adapter.model.register_forward_pre_hook(hooks.start))
         handles.add(nn.modules.module.register_module_forward_pre_hook(hooks.before))
         handles.add(nn.modules.module.register_module_forward_hook(hooks.after))
+        handles.carries(hooks)
         require_runs(adapter.model, [hooks.predicted, *hooks.kept], lambda: adapter.embed(adapter.probe_inputs()))
     return handles
 

@@ -188,6 +188,7 @@ def install(adapter: Adapter, multipliers: dict[str, torch.Tensor], overwrite: f
         return hook
 
     with installing(model, KEY) as handles:
+        handles.carries()
         for name, inverse in multipliers.items():
             tallies.append(Tally(f"the smoothquant multiply at {name}"))
             handles.add(model.get_submodule(name).register_forward_pre_hook(multiply(name, inverse, tallies[-1])))
@@ -199,6 +200,7 @@ def install(adapter: Adapter, multipliers: dict[str, torch.Tensor], overwrite: f
 @METHODS.register(KEY)
 class SmoothQuant(Method):
     name = KEY
+    writes_weights = True  # the migration folds into the weights
     options_model = SmoothQuantOptions
     requires = (Smoothable,)
 

@@ -73,8 +73,11 @@ def __getattr__(name: str) -> Any:  # Adapter and ModelSource import torch: only
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def resolve(model: str | os.PathLike | nn.Module) -> Adapter:
-    """The Adapter for a model spec or an in-memory module (see the module docstring)."""
+def resolve(model: str | os.PathLike | nn.Module, offload_dir: str | os.PathLike | None = None) -> Adapter:
+    """The Adapter for a model spec or an in-memory module (see the module docstring); with
+    `offload_dir`, a local folder's block weights stay on disk (quantsink.models.streaming)."""
+    if offload_dir is not None:
+        return _streamed(model, Path(offload_dir))
     if not isinstance(model, (str, os.PathLike)):
         from torch import nn
 
@@ -170,6 +173,11 @@ def _from_folder(folder: Path, spec: str) -> Adapter:
 
 
 def _from_hf_folder(folder: Path, spec: str) -> Adapter:
+    return _hf_family(folder).from_pretrained(folder, spec)
+
+
+def _hf_family(folder: Path) -> type[Adapter]:
+    """The transformers family whose model types include the folder's config's."""
     config_path = folder / "config.json"
     try:
         model_type = json.loads(config_path.read_text()).get("model_type")
@@ -180,7 +188,7 @@ def _from_hf_folder(folder: Path, spec: str) -> Adapter:
     families = [adapter for adapter in _families(lambda library: library in (None, "transformers")) if issubclass(adapter, HFAdapter)]
     for adapter in families:
         if model_type in adapter.model_types:
-            return adapter.from_pretrained(folder, spec)
+            return adapter
     supported = sorted(model for adapter in families for model in adapter.model_types)
     raise ModelLoadError(
         f"{config_path} has model_type {model_type!r}, which quantsink has no adapter for: "
@@ -204,6 +212,43 @@ def _from_saved_folder(folder: Path) -> Adapter:
     io.load_state_into(adapter.model, io.load_tensors(folder / io.WEIGHTS), folder)
     logger.info("loaded %s (%s) from %s", adapter.source.spec, adapter.family, folder)
     return adapter
+
+
+def _streamed(model: str | os.PathLike | nn.Module, offload_dir: Path) -> Adapter:
+    """A local folder's model with its blocks on the meta device and their weights on disk."""
+    from quantsink import io
+    from quantsink.models.base import ModelSource
+    from quantsink.models.streaming import load_streamed
+
+    folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    if folder is None or not folder.is_dir():
+        raise UserError(
+            f"--offload-dir streams weights from a local model folder, and {model if folder is not None else 'a module in memory'} "
+            "is not one: pass the folder (a hub model: its snapshot folder in the Hugging Face cache), or drop --offload-dir"
+        )
+    if (folder / io.MANIFEST).is_file():
+        manifest = io.read_manifest(folder)
+        if manifest.get("quantization") is not None or not isinstance(manifest.get("source"), dict):
+            return _from_saved_folder(folder)  # its own one-line refusal
+        source = ModelSource.from_dict(manifest["source"])
+        return load_streamed(lambda: rebuild(source, assets_dir=folder), [folder / io.WEIGHTS], offload_dir)
+    if (folder / "config.json").is_file():
+        family = _hf_family(folder)
+        from transformers import AutoConfig
+
+        model_class, config = family.architecture(AutoConfig.from_pretrained(folder))
+        processor = family.load_processor(folder)
+
+        def build_hf() -> Adapter:
+            return family.from_module(model_class(config, **family.build_kwargs), str(model), processor)
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{folder} holds no safetensors weights: the folder needs them to stream its blocks")
+        from quantsink.models.hf import checkpoint_names
+
+        return load_streamed(build_hf, files, offload_dir, checkpoint_names)
+    return _from_folder(folder, str(model))  # its own one-line refusal
 
 
 def _from_module(model: nn.Module) -> Adapter:

@@ -6,6 +6,7 @@ is the small public `DeletionHost` protocol, which `EditableEncoderAdapter` impl
 """
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any, Callable, Protocol
 
@@ -137,6 +138,16 @@ class TokenDeletion:
         if block_index < self.block_index or self.refill == "neighbours":
             return per_token
         return take_tokens(per_token, self.kept, 1)
+
+    # what one forward leaves for the blocks after the deletion (quantsink.models.handles.ForwardState)
+    _PER_FORWARD = ("kept", "deleted", "length", "batch", "grids", "_neighbours", "_unrefilled")
+
+    def forward_state(self) -> dict[str, Any]:
+        return {name: copy.copy(getattr(self, name)) for name in self._PER_FORWARD}
+
+    def load_forward_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, copy.copy(value))
 
     def _note_grids(self, grids: list[tuple[int, int]]) -> None:
         self.grids = grids

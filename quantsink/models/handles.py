@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import Any, Optional, Protocol, TypeVar
 
 from torch import nn
 
@@ -25,12 +25,35 @@ class Removable(Protocol):
 R = TypeVar("R", bound=Removable)
 
 
+class ForwardState(Protocol):
+    """What an install keeps from one block to a later one within a single forward (the tokens a
+    deletion kept, the rows a predictor found). Sequential calibration runs every batch through
+    one block before the next block sees any, so it swaps each batch's state in and out."""
+
+    def forward_state(self) -> Any: ...
+
+    def load_forward_state(self, state: Any) -> None: ...
+
+
 class HandleSet:
     """What one install put on a model."""
 
     def __init__(self, model: nn.Module, key: str):
         self.model, self.key = model, key
         self._undo: list[Callable[[], None]] = []
+        # None until the install declares it (`carries`): sequential calibration refuses an
+        # install that has not said whether it keeps state between blocks
+        self.forward_states: Optional[list[ForwardState]] = None
+        self.not_blockwise: Optional[str] = None  # why this install cannot run one block at a time
+
+    def carries(self, *holders: ForwardState) -> None:
+        """Declare what this install keeps between blocks within one forward: `holders`, or
+        nothing when called without any."""
+        self.forward_states = [*(self.forward_states or []), *holders]
+
+    def needs_whole_forwards(self, why: str) -> None:
+        """Declare that this install cannot run block by block, and why (said when refused)."""
+        self.not_blockwise = why
 
     def add(self, handle: R) -> R:
         """Record `handle` (anything with `.remove()`: a torch hook handle, another HandleSet)."""

@@ -512,6 +512,28 @@ class HFBertTextAdapter(HFTextAdapter):
         return F.normalize(pooled, p=2, dim=1)
 
 
+def checkpoint_names(model: PreTrainedModel, keys: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Model tensor name -> key in a transformers checkpoint holding `keys`, through the renamings
+    transformers applies to this model's checkpoints when it loads them (DINOv2's
+    attention.attention.query is attention.q_proj); and the keys that only a converter (a merge, a
+    split) turns into model tensors, which a reader of stored tensors cannot use."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [conversion for conversion in conversions if isinstance(conversion, WeightRenaming)]
+    converters = [conversion for conversion in conversions if not isinstance(conversion, WeightRenaming)]
+    expected = model.state_dict()
+    names, converted = {}, []
+    for key in keys:
+        name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+        if converter is not None:
+            converted.append(key)
+        else:
+            names[name] = key
+    return names, converted
+
+
 def _load_weights(
     model_class: type[PreTrainedModel], folder: Path, config: PretrainedConfig, **kwargs: Any
 ) -> PreTrainedModel:

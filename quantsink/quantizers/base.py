@@ -120,6 +120,12 @@ class Quantizer(ABC):
     as `QuantizedLinear`s, which exports re-pack; the others' layers are saved as they hold them."""
 
     integer_layers: ClassVar[bool] = False
+    # whether `freeze(block)` quantizes one block of the model, the rest left calibrating: how a
+    # model whose weights stream from disk is quantized (quantsink.models.streaming)
+    freezes_by_block: ClassVar[bool] = False
+    # whether `input_observers` gives what sets the static input scales, so that data-parallel
+    # calibration can merge it across ranks exactly (quantsink.distributed)
+    merges_input_statistics: ClassVar[bool] = True
 
     def __init__(self, config: QuantizationConfig):
         problem = self.incompatibility(config)
@@ -139,6 +145,11 @@ class Quantizer(ABC):
     @contextlib.contextmanager
     def calibrating(self, model: nn.Module) -> Iterator[None]:
         yield
+
+    def input_observers(self, model: nn.Module, names: list[str]) -> dict[str, Any]:
+        """While calibrating: the observers (quantsink.observers) that will set the static input
+        scales of the targets `names`, by name ({} when inputs are dynamic or not quantized)."""
+        raise NotImplementedError(f"backend {self.config.backend} does not expose its input observers")
 
     @abstractmethod
     def freeze(self, model: nn.Module) -> None:

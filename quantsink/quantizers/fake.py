@@ -72,11 +72,12 @@ class FakeQuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantizationConfig) -> "FakeQuantLinear":
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, config.weights, config.activations)
+        # built where the weight is (the meta device for a block streamed from disk: no memory)
+        with torch.device(linear.weight.device):
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, config.weights, config.activations)
         module.weight.data = linear.weight.detach().clone()
         if linear.bias is not None:
             module.bias.data = linear.bias.detach().clone()
-        module.to(linear.weight.device)
         if module.quantizes_static_input:
             args = config.activations
             module.input_observer = OBSERVERS.get(args.observer)(args.bits, args.symmetric)
@@ -137,6 +138,7 @@ def grid_weight(fake: FakeQuantLinear) -> torch.Tensor:
 class FakeQuantizer(Quantizer):
     module_class = FakeQuantLinear
     integer_layers = True
+    freezes_by_block = True
 
     def prepare(self, model: nn.Module) -> list[str]:
         targets = target_linears(model, self.config)
@@ -144,12 +146,17 @@ class FakeQuantizer(Quantizer):
             replace_module(model, name, self.module_class.from_linear(linear, self.config))
         return list(targets)
 
+    def input_observers(self, model: nn.Module, names: list[str]) -> dict[str, Any]:
+        modules = {name: model.get_submodule(name) for name in names}
+        return {name: module.input_observer for name, module in modules.items() if module.input_observer is not None}
+
     def quantized_modules(self, model: nn.Module) -> dict[str, FakeQuantLinear]:
         return {name: module for name, module in model.named_modules() if isinstance(module, self.module_class)}
 
     def freeze(self, model: nn.Module) -> None:
         for module in self.quantized_modules(model).values():
-            module.freeze()
+            if module.calibrating:  # a block frozen on its own earlier stays as it was
+                module.freeze()
 
     def state(self, model: nn.Module) -> dict[str, Any]:
         return {"modules": sorted(self.quantized_modules(model))}

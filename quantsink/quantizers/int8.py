@@ -156,6 +156,7 @@ class Int8Quantizer(FakeQuantizer):
     """Calibrates through FakeQuantLinear (same observers), then converts to Int8Linear."""
 
     incompatibility = staticmethod(int8_incompatibility)
+    freezes_by_block = True
 
     def freeze(self, model: nn.Module) -> None:
         super().freeze(model)

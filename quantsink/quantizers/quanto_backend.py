@@ -42,6 +42,7 @@ def quanto_incompatibility(config: QuantizationConfig) -> Optional[str]:
 @QUANTIZERS.register("quanto")
 class QuantoQuantizer(Quantizer):
     incompatibility = staticmethod(quanto_incompatibility)
+    merges_input_statistics = False  # quanto's Calibration keeps a running average of its own
 
     def quantized_linear(self, linear: nn.Linear) -> nn.Module:
         from optimum.quanto import qint8

@@ -115,6 +115,9 @@ class TorchAOQuantizer(Quantizer):
             act_quant_scale=input_scale, granularity=granularity, set_inductor_config=False
         )
 
+    def input_observers(self, model: nn.Module, names: list[str]) -> dict[str, Any]:
+        return {name: self.observers[name].observer for name in names if name in self.observers}
+
     def input_scale(self, name: str) -> torch.Tensor:
         observer = self.observers.get(name)
         if observer is None or observer.rank is None:

@@ -23,8 +23,7 @@ def test_memory_is_a_few_numbers_per_batch_and_the_shown_rows(tmp_path):
     collector.run_all((inputs, None) for inputs in batches)
     reference = StatisticsCollector(adapter)
     with reference.attached():
-        for inputs in batches:
-            reference.run(inputs)
+        reference.collect(batches)
     stats = reference.result()
     for index, stream in enumerate(collector.blocks):
         assert len(stream.shown) == len(stream.received) == SHOWN

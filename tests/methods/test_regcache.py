@@ -235,7 +235,7 @@ def test_statistics_follow_a_token_deletion_past_siglip2_padding(refill, images)
     deletion = adapter.delete_tokens_at(1, 3, refill=refill)
     collector = StatisticsCollector(adapter)
     with collector.attached():
-        collector.run(inputs)
+        collector.collect([inputs])
     stats = collector.result()
     for block in range(adapter.num_blocks):
         shortened = 1 <= block and refill == "none"

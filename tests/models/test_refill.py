@@ -120,7 +120,7 @@ def test_statistics_and_resumed_runs_see_the_refilled_blocks(images):
     deletion = adapter.delete_tokens_at(BLOCK, COUNT, refill="neighbours")
     collector = StatisticsCollector(adapter)
     with collector.attached():
-        embedding = collector.run(inputs)
+        (embedding,) = collector.collect([inputs])
     stats = collector.result()
     for block in range(adapter.num_blocks):
         assert torch.equal(adapter.block_output_tokens(block, real), real)

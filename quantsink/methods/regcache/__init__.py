@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 @METHODS.register("regcache")
 class RegCache(Method):
     name = "regcache"
+    writes_weights = True  # its trials quantize the model in place
     options_model = RegCacheOptions
     requires = (EditableEncoder,)
 
@@ -63,7 +64,7 @@ class RegCache(Method):
             raise UserError(f"regcache.prefix_start: {options.prefix_start} cannot apply, the prefix goes only at the sensitive "
                             f"block ({adapter.family}'s default); set prefix_blocks: to_last, or drop prefix_start")
         pass_started = time.perf_counter()
-        profile = reference_pass(adapter, context.calibration_batches, trials.targets)
+        profile = reference_pass(adapter, context.calibration_batches, trials.targets, context.recipe.execution)
         pass_seconds = time.perf_counter() - pass_started
         images = CalibrationImages(context.calibration_batches, profile.embeddings)
         searched = [field for field in SEARCHABLE if getattr(options, field) == AUTO]

@@ -24,8 +24,10 @@ def install(adapter: Adapter, settings: RegCacheSettings, registers: Registers) 
             adapter.set_kv_prefix(block, prefix)
             handles.on_remove(functools.partial(adapter.set_kv_prefix, block, None))
             tallies.append(prefix.tally)
+        handles.carries()  # a prefix is the same tensor for every forward
         if settings.delete_tokens:
             deletion = handles.add(adapter.delete_tokens_at(settings.sensitive_layer, settings.delete_tokens, settings.refill))
+            handles.carries(deletion)
             tallies.append(deletion.tally)
         require_runs(adapter.model, tallies, lambda: adapter.embed(adapter.probe_inputs()))
     return handles

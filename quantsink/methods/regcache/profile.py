@@ -8,8 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantsink import distributed
 from quantsink.errors import UserError
 from quantsink.models.base import Adapter, hidden_states_of
+from quantsink.recipe import ExecutionConfig
+from quantsink.sequential import IN_MEMORY, forward_passes
 
 Batch = dict[str, torch.Tensor]
 
@@ -60,13 +63,13 @@ class Profile:
 
 
 @torch.no_grad()
-def reference_pass(adapter: Adapter, batches: list[Batch], targets: list[str]) -> Profile:
-    """The Profile of `batches` on `adapter`'s full-precision model; `targets` are the names
-    of the Linears the recipe quantizes."""
+def reference_pass(adapter: Adapter, batches: list[Batch], targets: list[str],
+                   execution: ExecutionConfig = IN_MEMORY) -> Profile:
+    """The Profile of `batches` on `adapter`'s full-precision model, the pass run as `execution`
+    says; `targets` are the names of the Linears the recipe quantizes."""
     blocks = adapter.num_blocks
     token_linf: list[list[torch.Tensor]] = [[] for _ in range(blocks)]
     fc2_max = [0.0] * blocks
-    order: list[str] = []
     input_max: dict[str, float] = {}
     medians: dict[str, list[float]] = {}
     outside = {name for name in targets if not any(name.startswith(block + ".") for block in adapter.block_names())}
@@ -81,9 +84,6 @@ def reference_pass(adapter: Adapter, batches: list[Batch], targets: list[str]) -
             fc2_max[index] = max(fc2_max[index], args[0].abs().max().item())
         return hook
 
-    def note(name: str):
-        return lambda _module, _args: order.append(name)
-
     def on_linear(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             tokens = args[0].abs().amax(dim=-1)
@@ -93,23 +93,42 @@ def reference_pass(adapter: Adapter, batches: list[Batch], targets: list[str]) -
 
     handles = [block.register_forward_hook(on_block(i)) for i, block in enumerate(adapter.blocks())]
     handles += [adapter.fc2(i).register_forward_pre_hook(on_fc2(i)) for i in range(blocks)]
-    handles += [adapter.model.get_submodule(name).register_forward_pre_hook(note(name)) for name in outside]
     handles += [adapter.model.get_submodule(name).register_forward_pre_hook(on_linear(name))
                 for name in targets if name not in outside]
-    handles.append(adapter.blocks()[0].register_forward_pre_hook(note("")))
-    embeddings, deletable = [], []
     try:
-        for batch in batches:
-            order.clear()
-            embeddings.append(adapter.embed(batch))
-            deletable.append(_deletable(adapter, batch, token_linf[0][-1].shape))
+        embeddings = forward_passes(adapter, distributed.shard(batches), execution, watched=targets, progress=False)
     finally:
         for handle in handles:
             handle.remove()
-    before = set(order[: order.index("")]) if "" in order else set()
+    # under torchrun: every rank's shard in rank order, as one pass over all of `batches` gives
+    # it, so that every rank searches on the same profile
+    parts = distributed.gather((embeddings, token_linf, fc2_max, input_max, medians), embeddings[0].device)
+    embeddings = [embedding for part in parts for embedding in part[0]]
+    token_linf = [[norms for part in parts for norms in part[1][index]] for index in range(blocks)]
+    fc2_max = [max(part[2][index] for part in parts) for index in range(blocks)]
+    input_max = {name: max(part[3][name] for part in parts) for name in input_max}
+    medians = {name: [value for part in parts for value in part[4][name]] for name in medians}
+    deletable = [_deletable(adapter, batch, norms.shape) for batch, norms in zip(batches, token_linf[0], strict=True)]
+    before = _run_before_blocks(adapter, outside)
     median = {name: sum(values) / len(values) for name, values in medians.items()}
     return Profile(torch.cat(embeddings), [torch.cat(norms) for norms in token_linf], torch.cat(deletable), fc2_max,
                    before, input_max, median)
+
+
+def _run_before_blocks(adapter: Adapter, names: set[str]) -> set[str]:
+    """Which of the Linears `names` (outside the blocks) run before block 0: seen in the order of
+    a probe forward, so that it does not depend on how the reference pass ran."""
+    order: list[str] = []
+    handles = [adapter.model.get_submodule(name).register_forward_pre_hook(lambda *_a, name=name: order.append(name))
+               for name in names]
+    handles.append(adapter.blocks()[0].register_forward_pre_hook(lambda *_a: order.append("")))
+    try:
+        with torch.no_grad():
+            adapter.embed(adapter.probe_inputs())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return set(order[: order.index("")])
 
 
 def _deletable(adapter: Adapter, batch: Batch, shape: torch.Size) -> torch.Tensor:
