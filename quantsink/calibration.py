@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -115,12 +115,9 @@ class StatisticsCollector:
             self._mask = self._mask.bool()
 
     def collect(self, batches: Sequence[dict[str, torch.Tensor]], execution: ExecutionConfig = IN_MEMORY,
-                watched: Sequence[str] = (), progress: bool = False,
-                after_block: Optional[Callable[[nn.Module], None]] = None) -> list[torch.Tensor]:
-        """Run `batches` through the model as `execution` says (inside `attached()`); their
-        embeddings (`after_block`: see `forward_passes`)."""
-        return forward_passes(self.adapter, batches, execution, self.begin, watched, progress=progress,
-                              after_block=after_block)
+                watched: Sequence[str] = (), progress: bool = False) -> list[torch.Tensor]:
+        """Run `batches` through the model as `execution` says (inside `attached()`); their embeddings."""
+        return forward_passes(self.adapter, batches, execution, self.begin, watched, progress=progress)
 
     def result(self) -> ActivationStats:
         return ActivationStats(

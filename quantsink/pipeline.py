@@ -39,7 +39,7 @@ from quantsink.models.probe import require_modules_run, require_runs, tallied_mo
 from quantsink.quantizers.base import Quantizer
 from quantsink.recipe import CalibrationConfig, ExecutionConfig, QuantizationConfig, Recipe
 from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
-from quantsink.models.streaming import abandon, make_resident, streamed
+from quantsink.models.streaming import make_resident
 from quantsink.sequential import IN_MEMORY
 
 log = logging.getLogger(__name__)
@@ -89,22 +89,18 @@ def load(spec: str | nn.Module, recipe: Recipe, methods: list[Method]) -> Adapte
         adapter = resolve(spec)
     else:
         refuse_streaming(recipe, methods)
-        adapter = resolve(spec, offload_dir=execution.offload_dir)
-    try:
-        if recipe.kv_cache is not None:
-            # static scales are calibrated by the kv-static method, named as it is in the folder
-            require_kv_cache(adapter, "kv-static" if recipe.kv_cache.scales == "static" else "a kv_cache recipe")
-        for method in methods:
-            require_capabilities(method, adapter)
-    except BaseException:
-        abandon(adapter)  # weights streamed from disk: their private folder goes too
-        raise
+        adapter = resolve(spec, stream_weights=True)
+    if recipe.kv_cache is not None:
+        # static scales are calibrated by the kv-static method, named as it is in the folder
+        require_kv_cache(adapter, "kv-static" if recipe.kv_cache.scales == "static" else "a kv_cache recipe")
+    for method in methods:
+        require_capabilities(method, adapter)
     return adapter
 
 
 def refuse_streaming(recipe: Recipe, methods: list[Method]) -> None:
     """What cannot run with the block weights on disk, refused before anything loads: a block
-    goes back to disk after each call, so a write into its weights outside the calibration pass
+    goes back to disk after each call, so a write into its weights before it comes back for good
     would be lost."""
     where = f"with the weights streamed from disk (execution.offload_dir {recipe.execution.offload_dir})"
     for method in methods:
@@ -113,7 +109,7 @@ def refuse_streaming(recipe: Recipe, methods: list[Method]) -> None:
                             "block: drop offload_dir (keep pipeline: sequential for the block inputs) or the method")
     if recipe.quantization is not None and not QUANTIZERS.get(recipe.quantization.backend).freezes_by_block:
         raise UserError(f"quantization.backend {recipe.quantization.backend} quantizes the whole model at once, and {where} "
-                        "each block is quantized at the end of its pass: use backend fake or int8, or drop offload_dir")
+                        "each block is quantized as it comes back from disk: use backend fake or int8, or drop offload_dir")
 
 
 def preprocess_all(adapter: Adapter, samples: list[Any], batch_size: int, max_length: Optional[int]) -> list[dict[str, Any]]:
@@ -146,33 +142,17 @@ def calibrate(adapter: Adapter, quantizer: Quantizer, batches: list[dict[str, An
     shard = distributed.shard(batches)
     started = time.perf_counter()
 
-    # under torchrun the ranks' input observers are merged before any scale is set from them
-    observers: dict[str, Any] = {}
-
-    def merge(names: list[str]) -> None:
-        parts = distributed.gather([observers[name].accumulated() for name in names])
-        for index, name in enumerate(names):
-            observers.pop(name).absorb([rank_parts[index] for rank_parts in parts])
-
-    block_names = {id(block): name for block, name in zip(adapter.blocks(), adapter.block_names())}
-
-    def freeze_block(block: nn.Module) -> None:
-        prefix = block_names[id(block)] + "."
-        merge([name for name in observers if name.startswith(prefix)])
-        quantizer.freeze(block)
-
-    # weights streamed from disk: each block is quantized while it is resident, at the end of its pass
-    after_block = freeze_block if streamed(adapter) is not None else None
-
     def calibration_pass() -> None:
-        collector.collect(shard, execution, watched=targets, progress=progress, after_block=after_block)
+        collector.collect(shard, execution, watched=targets, progress=progress)
 
     with collector.attached(), quantizer.calibrating(adapter.model), tallied_modules(adapter.model, targets) as tallies:
-        if distributed.world_size() > 1:
-            observers.update(quantizer.input_observers(adapter.model, targets))
         require_runs(adapter.model, tallies, calibration_pass, during="the calibration pass",
                      fix="the model never calls it; add it to quantization.ignore")
-        merge(list(observers))  # those outside the blocks, or all of them when no block was frozen in the pass
+        if distributed.world_size() > 1:  # every rank's input observers hold all ranks' batches before a scale is set
+            observers = quantizer.input_observers(adapter.model, targets)
+            parts = distributed.gather({name: observer.accumulated() for name, observer in observers.items()})
+            for name, observer in observers.items():
+                observer.absorb([rank_parts[name] for rank_parts in parts])
     stats = collector.result()
     if distributed.world_size() > 1:
         parts = distributed.gather((stats.token_linf, stats.channel_absmax), stats.channel_absmax[0].device)
@@ -242,12 +222,7 @@ def run(spec: str | nn.Module, recipe: Recipe, progress: bool = True) -> tuple[A
     """Every stage up to export, in order: the artifact, and the activation statistics when the
     recipe quantizes Linears."""
     methods = plan(recipe)
-    adapter = load(spec, recipe, methods)
-    try:
-        return run_loaded(adapter, recipe, methods, progress)
-    except BaseException:
-        abandon(adapter)  # weights streamed from disk: their private folder goes too
-        raise
+    return run_loaded(load(spec, recipe, methods), recipe, methods, progress)
 
 
 def run_loaded(adapter: Adapter, recipe: Recipe, methods: list[Method], progress: bool) -> tuple[Artifact, Optional[ActivationStats]]:
@@ -278,8 +253,9 @@ def run_loaded(adapter: Adapter, recipe: Recipe, methods: list[Method], progress
     if recipe.quantization is not None:
         quantizer = make_quantizer()
         calibration = calibrate(adapter, quantizer, splits.calibration, progress, recipe.execution)
-        # streamed weights: the quantized blocks come back from disk for good (the export writes one file)
-        make_resident(adapter)
+        # weights streamed from disk: each block comes back for good and is quantized as it does,
+        # one float block resident at a time (the export writes one file)
+        make_resident(adapter, quantizer.freeze)
         report["calibration"]["seconds"] = calibration.seconds
         for entry in report["methods"].values():
             if "cost" in entry:  # a method's measured cost, in units of this calibration pass

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from quantsink.errors import UserError
 from quantsink.models.base import Adapter, hidden_states_of
 from quantsink.models.handles import ForwardState, installed
-from quantsink.models.streaming import streamed
+from quantsink.models.streaming import return_freed_memory, streamed
 from quantsink.recipe import ExecutionConfig
 
 Batch = dict[str, torch.Tensor]
@@ -62,25 +62,21 @@ def forward_passes(
     watched: Sequence[str] = (),
     desc: str = "calibrating",
     progress: bool = True,
-    after_block: Optional[Callable[[nn.Module], None]] = None,
 ) -> list[torch.Tensor]:
     """Run every batch of `batches` through `adapter`'s model as `execution` says, calling
     `before_batch(batch)` each time a batch enters the model (sequential: each block); the
     embedding of each batch. `watched`: qualified names of the modules the caller collects from,
-    outside the blocks too. `after_block(block)` (sequential only): once the whole set has been
-    through that block, while its weights are still resident (to quantize it there); a model
-    whose weights stream from disk always runs sequentially."""
+    outside the blocks too. A model whose weights stream from disk always runs sequentially."""
     before = before_batch or (lambda _batch: None)
-    if after_block is not None and execution.pipeline == "in_memory":
-        raise ValueError("after_block needs the sequential pipeline")
     if execution.pipeline == "in_memory" and streamed(adapter) is None:
         embeddings = []
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             before(batch)
             embeddings.append(adapter.embed(batch))
+            return_freed_memory()  # as the sequential pass does, so that both modes hold what they use
         return embeddings
     offload_dir = None if execution.offload_dir is None else Path(execution.offload_dir)
-    return SequentialForward(adapter, offload_dir).run(batches, before, watched, desc, progress, after_block)
+    return SequentialForward(adapter, offload_dir).run(batches, before, watched, desc, progress)
 
 
 class _StandIn(nn.Module):
@@ -186,7 +182,7 @@ class SequentialForward:
                 model.set_submodule(name, block)
 
     def run(self, batches: Sequence[Batch], before: Callable[[Batch], None], watched: Sequence[str], desc: str,
-            progress: bool, after_block: Optional[Callable[[nn.Module], None]] = None) -> list[torch.Tensor]:
+            progress: bool) -> list[torch.Tensor]:
         batches = list(batches)  # the set is walked once per block
         streams = _Streams(self.offload_dir)
         try:
@@ -205,11 +201,9 @@ class SequentialForward:
                         # the shape of the output without the stream, for the tail to rebuild
                         templates[number] = None if isinstance(output, torch.Tensor) else (None, *output[1:])
                         streams.put(number, hidden_states_of(output))
+                        del output
+                        return_freed_memory()  # one batch's activations, not the heap's high-water mark
                         bar.update()
-                    if after_block is not None:
-                        after_block(block)
-                        if self.weights is not None:
-                            self.weights.keep(index)
                     if self.weights is not None:
                         self.weights.offload(index)
                 return self._tail(batches, before, streams, templates, states, bar)

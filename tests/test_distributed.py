@@ -109,8 +109,8 @@ def test_two_ranks_write_the_single_process_folder_regcache(models, tmp_path):
 
 
 def test_two_ranks_write_the_single_process_folder_kvsink_sequential(models, tmp_path):
-    """Sequential with the weights streamed from disk: each block's observers are merged across
-    the ranks at the end of its pass, before the block is quantized and goes back to disk."""
+    """Sequential with the weights streamed from disk: the observers, merged across the ranks
+    after the pass, set the scales of each block as it comes back from disk and is quantized."""
     offload = tmp_path / "offload"  # outside both runs' folders, shared: each takes a private folder in it
     recipe = {**LLAMA, "execution": {"pipeline": "sequential", "offload_dir": str(offload)}}
     single, ranks = single_and_two_ranks(models / "llama", recipe, tmp_path)

@@ -1,7 +1,7 @@
 """Weights streamed from disk (quantsink.models.streaming): with `execution.offload_dir` a model
-folder loads with its blocks on the meta device, one block is resident at a time, each is
-quantized at the end of its pass, and the folder written is bit-identical to the in-memory run's;
-what would lose writes is refused up front."""
+folder loads with its blocks on the meta device, one block is resident at a time in the passes,
+each is quantized as it comes back for good after calibration, and the folder written is
+bit-identical to the in-memory run's; what would lose writes is refused up front."""
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -10,6 +10,8 @@ from quantsink.cli import main
 from quantsink.errors import CheckpointError, UserError
 from quantsink.models import resolve, save_model
 from quantsink.models.streaming import StreamedWeights, streamed
+from quantsink.quantizers.fake import FakeQuantizer
+from quantsink.quantizers.int8 import Int8Linear
 from quantsink.pipeline import run
 from quantsink.recipe import Recipe
 from quantsink.testing.planted_llm import save_planted_llama
@@ -63,7 +65,7 @@ def test_streamed_run_writes_what_the_in_memory_run_writes(source, tmp_path):
                                    tmp_path / "offload")
     assert_same_folder_contents(reference, streamed_run)
     assert streamed(streamed_run.adapter) is None, "the quantized model stays tied to the offload folder"
-    assert not any((tmp_path / "offload").iterdir())
+    assert not (tmp_path / "offload").exists() or not any((tmp_path / "offload").iterdir())
 
 
 def test_tied_embeddings_are_tied_again(tmp_path):
@@ -72,12 +74,12 @@ def test_tied_embeddings_are_tied_again(tmp_path):
     adapter.model.tie_weights()
     folder = as_hf_folder(adapter, tmp_path / "model")
     assert "lm_head.weight" not in load_file(folder / "model.safetensors")  # transformers saves a tied head once
-    loaded = resolve(folder, offload_dir=tmp_path / "offload")
+    loaded = resolve(folder, stream_weights=True)
     assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
     streamed(loaded).close()
 
 
-def test_one_block_is_resident_at_a_time_and_each_is_quantized_there(tmp_path, monkeypatch):
+def test_one_block_is_resident_at_a_time_and_each_is_quantized_as_it_comes_back(tmp_path, monkeypatch):
     folder = save_model(build_tiny("hf-clip"), tmp_path / "model")
     resident_counts, onloaded = [], []
     original = StreamedWeights.onload
@@ -88,17 +90,26 @@ def test_one_block_is_resident_at_a_time_and_each_is_quantized_there(tmp_path, m
         resident_counts.append(len(self.resident))
 
     monkeypatch.setattr(StreamedWeights, "onload", counting)
-    loaded = resolve(folder, offload_dir=tmp_path / "offload")
+    loaded = resolve(folder, stream_weights=True)
     assert all(tensor.is_meta for block in loaded.blocks() for tensor in block.state_dict().values())
     assert not any(tensor.is_meta for name, tensor in loaded.model.state_dict().items() if ".layers." not in name)
     streamed(loaded).close()
+    frozen_on_arrival = []
+    original_freeze = FakeQuantizer.freeze
+
+    def freeze(self, model):
+        frozen_on_arrival.append(sum(isinstance(module, Int8Linear) for module in model.modules()))
+        original_freeze(self, model)
+
+    monkeypatch.setattr(FakeQuantizer, "freeze", freeze)
     result, _ = run(str(folder), Recipe.from_dict({"name": "s", "calibration": CALIBRATION, "quantization": w8a8("int8"),
                                                    "execution": {"pipeline": "sequential", "offload_dir": str(tmp_path / "o")}}),
                     progress=False)
     blocks = len(result.adapter.blocks())
-    calibration = onloaded[-2 * blocks:-blocks]  # the calibration pass, then make_resident
-    assert calibration == list(range(blocks))
-    assert max(resident_counts[:-blocks]) == 1, "more than one block was resident before the export"
+    assert onloaded[-2 * blocks:] == [*range(blocks), *range(blocks)]  # the calibration pass, then coming back
+    assert max(resident_counts[:-blocks]) == 1, "more than one block was resident in the passes"
+    # each block quantized alone as it came back (no int8 layer in it yet), then the rest of the model
+    assert frozen_on_arrival[:blocks] == [0] * blocks and len(frozen_on_arrival) == blocks + 1
 
 
 def test_kvsink_profile_and_w8a8_match_in_memory(tmp_path):
@@ -133,7 +144,7 @@ def test_offload_dir_needs_the_sequential_pipeline():
 
 def test_a_module_in_memory_cannot_stream(tmp_path):
     with pytest.raises(UserError, match="a module in memory is not one"):
-        resolve(build_tiny("hf-clip").model, offload_dir=tmp_path)
+        resolve(build_tiny("hf-clip").model, stream_weights=True)
 
 
 def test_a_checkpoint_missing_a_block_tensor_is_refused(tmp_path):
@@ -143,7 +154,7 @@ def test_a_checkpoint_missing_a_block_tensor_is_refused(tmp_path):
     del tensors[missing]
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=f"lacks {missing}"):
-        resolve(folder, offload_dir=tmp_path / "offload")
+        resolve(folder, stream_weights=True)
 
 
 def test_cli_offload_dir_writes_the_in_memory_folder(tmp_path):
@@ -160,14 +171,25 @@ def test_cli_offload_dir_writes_the_in_memory_folder(tmp_path):
     assert all(torch.equal(written[0][name], written[1][name]) for name in written[0])
     saved = Recipe.from_yaml(tmp_path / "streamed" / "recipe.yaml")
     assert saved.execution.pipeline == "sequential" and saved.execution.offload_dir == str(tmp_path / "offload")
-    assert not any((tmp_path / "offload").iterdir())
+    assert not (tmp_path / "offload").exists() or not any((tmp_path / "offload").iterdir())
 
 
-def test_a_refused_recipe_leaves_no_private_folder(tmp_path):
-    """A check after loading (a KV cache recipe on a vision encoder) fails: nothing stays in the offload folder."""
+def test_a_refused_recipe_leaves_nothing_in_the_offload_folder(tmp_path):
+    """A check after loading (a KV cache recipe on a vision encoder) fails: nothing was written."""
     folder = save_model(build_tiny("hf-clip"), tmp_path / "model")
     recipe = {"name": "s", "calibration": CALIBRATION, "kv_cache": {"bits": 4},
               "execution": {"pipeline": "sequential", "offload_dir": str(tmp_path / "offload")}}
     with pytest.raises(UserError, match="kv"):
         run(str(folder), Recipe.from_dict(recipe), progress=False)
-    assert not any((tmp_path / "offload").iterdir())
+    assert not (tmp_path / "offload").exists() or not any((tmp_path / "offload").iterdir())
+
+
+def test_sink_tokens_on_real_minilm_weights_streamed(tmp_path):
+    """The packaged all-MiniLM-L6-v2 by its short name: sink-tokens' profile passes run with the
+    blocks coming in per call, its predictor's rows kept per batch in the sequential pass."""
+    recipe = {"name": "s", "calibration": {"num_samples": 16, "batch_size": 8, "holdout": 4, "seq_len": 32},
+              "methods": [{"sink-tokens": {"outlier_ratio": 5.0}}], "quantization": w8a8("int8")}
+    reference, streamed_run = both("all-minilm-l6-v2", recipe, tmp_path / "offload")
+    assert_same_folder_contents(reference, streamed_run)
+    profiles = [next(method for method in result.methods if method.name == "sink-tokens").state()[0] for result in (reference, streamed_run)]
+    assert profiles[0] == profiles[1]

@@ -73,11 +73,11 @@ def __getattr__(name: str) -> Any:  # Adapter and ModelSource import torch: only
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def resolve(model: str | os.PathLike | nn.Module, offload_dir: str | os.PathLike | None = None) -> Adapter:
+def resolve(model: str | os.PathLike | nn.Module, stream_weights: bool = False) -> Adapter:
     """The Adapter for a model spec or an in-memory module (see the module docstring); with
-    `offload_dir`, a local folder's block weights stay on disk (quantsink.models.streaming)."""
-    if offload_dir is not None:
-        return _streamed(model, Path(offload_dir))
+    `stream_weights`, a local folder's block weights stay on disk (quantsink.models.streaming)."""
+    if stream_weights:
+        return _streamed(model)
     if not isinstance(model, (str, os.PathLike)):
         from torch import nn
 
@@ -214,13 +214,15 @@ def _from_saved_folder(folder: Path) -> Adapter:
     return adapter
 
 
-def _streamed(model: str | os.PathLike | nn.Module, offload_dir: Path) -> Adapter:
+def _streamed(model: str | os.PathLike | nn.Module) -> Adapter:
     """A local folder's model with its blocks on the meta device and their weights on disk."""
     from quantsink import io
     from quantsink.models.base import ModelSource
     from quantsink.models.streaming import load_streamed
 
     folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    if folder is not None and not folder.is_dir() and str(model) in SHORT_NAMES:
+        folder = SHORT_NAMES.get(str(model)).local_folder()  # a short name whose package ships the folder
     if folder is None or not folder.is_dir():
         raise UserError(
             f"--offload-dir streams weights from a local model folder, and {model if folder is not None else 'a module in memory'} "
@@ -231,7 +233,7 @@ def _streamed(model: str | os.PathLike | nn.Module, offload_dir: Path) -> Adapte
         if manifest.get("quantization") is not None or not isinstance(manifest.get("source"), dict):
             return _from_saved_folder(folder)  # its own one-line refusal
         source = ModelSource.from_dict(manifest["source"])
-        return load_streamed(lambda: rebuild(source, assets_dir=folder), [folder / io.WEIGHTS], offload_dir)
+        return load_streamed(lambda: rebuild(source, assets_dir=folder), [folder / io.WEIGHTS])
     if (folder / "config.json").is_file():
         family = _hf_family(folder)
         from transformers import AutoConfig
@@ -247,7 +249,7 @@ def _streamed(model: str | os.PathLike | nn.Module, offload_dir: Path) -> Adapte
             raise ModelLoadError(f"{folder} holds no safetensors weights: the folder needs them to stream its blocks")
         from quantsink.models.hf import checkpoint_names
 
-        return load_streamed(build_hf, files, offload_dir, checkpoint_names)
+        return load_streamed(build_hf, files, checkpoint_names)
     return _from_folder(folder, str(model))  # its own one-line refusal
 
 

@@ -75,9 +75,10 @@ class FakeQuantLinear(nn.Module):
         # built where the weight is (the meta device for a block streamed from disk: no memory)
         with torch.device(linear.weight.device):
             module = cls(linear.in_features, linear.out_features, linear.bias is not None, config.weights, config.activations)
-        module.weight.data = linear.weight.detach().clone()
+        # the Linear's own storage, not a copy: freeze gives the module new tensors and leaves it alone
+        module.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
         if linear.bias is not None:
-            module.bias.data = linear.bias.detach().clone()
+            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         if module.quantizes_static_input:
             args = config.activations
             module.input_observer = OBSERVERS.get(args.observer)(args.bits, args.symmetric)
