@@ -173,7 +173,7 @@ def measure(folder: Path, recipe_json: str, out: Path, threads: int) -> dict[str
     def staged(name: str, label: str):
         def call(*args, **kwargs):
             result = real[name](*args, **kwargs)
-            if name != "make_resident" or label not in marks["stages"]:  # run_loaded calls it twice, the second a no-op
+            if name != "make_resident" or label not in marks["stages"]:  # run calls it twice, the second a no-op
                 marks["stages"][label] = proc_status()["VmHWM"]
                 reset_peak()
             return result

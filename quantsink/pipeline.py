@@ -222,10 +222,7 @@ def run(spec: str | nn.Module, recipe: Recipe, progress: bool = True) -> tuple[A
     """Every stage up to export, in order: the artifact, and the activation statistics when the
     recipe quantizes Linears."""
     methods = plan(recipe)
-    return run_loaded(load(spec, recipe, methods), recipe, methods, progress)
-
-
-def run_loaded(adapter: Adapter, recipe: Recipe, methods: list[Method], progress: bool) -> tuple[Artifact, Optional[ActivationStats]]:
+    adapter = load(spec, recipe, methods)
     splits = data(adapter, recipe.calibration)
     # static KV scales go into the model as weights do: measured as the model's fidelity
     static_kv = recipe.kv_cache is not None and recipe.kv_cache.scales == "static"
