@@ -86,7 +86,7 @@ def quantize(
     spec = model if model is not None else recipe.model
     if spec is None:
         raise UserError("no model given: pass MODEL or set 'model:' in the recipe")
-    distributed.initialize()
+    distributed.initialize(recipe.execution.device)
     artifact, stats = pipeline.run(spec, recipe, progress and distributed.is_main())
     return QuantizationResult(artifact, stats)
 

@@ -32,8 +32,8 @@ class ActivationStats:
     def block_summary(self, block: int, top: int = 5) -> dict[str, Any]:
         norms = self.token_linf[block]
         flat = torch.cat(norms)
-        owners = torch.cat([torch.full((len(n),), i) for i, n in enumerate(norms)])
-        positions = torch.cat([torch.arange(len(n)) for n in norms])
+        owners = torch.cat([torch.full((len(n),), i, device=flat.device) for i, n in enumerate(norms)])
+        positions = torch.cat([torch.arange(len(n), device=flat.device) for n in norms])
         order = flat.argsort(descending=True)[:top]
         median = flat.median().item()
         channel_values, channels = self.channel_absmax[block].topk(min(top, self.channel_absmax[block].numel()))

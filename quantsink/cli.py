@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from quantsink.errors import UserError
+from quantsink.memory import keep_large_allocations_mapped
 
 if TYPE_CHECKING:
     from quantsink.recipe import Recipe
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--offload-dir", type=Path, metavar="DIR",
                           help="keep the block inputs and the weights on disk there, one block resident at a time "
                                "(implies --pipeline sequential; the model must be a local folder)")
+    quantize.add_argument("--device", metavar="DEVICE",
+                          help="where the model computes: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N, "
+                               "mps or xpu (overrides the recipe's execution.device)")
+    quantize.add_argument("--device-map", choices=("auto",),
+                          help="let accelerate spread a transformers model over the GPUs (in_memory only; the recipe's "
+                               "execution.max_memory bounds each device)")
     add_verbosity(quantize)
 
     evaluate = commands.add_parser(
@@ -126,10 +133,10 @@ def run_quantize(args: argparse.Namespace) -> None:
     from quantsink.api import quantize
     from quantsink.recipe import Recipe
 
-    recipe = with_execution(Recipe.from_yaml(args.recipe), args.pipeline, args.offload_dir)
+    recipe = with_execution(Recipe.from_yaml(args.recipe), args.pipeline, args.offload_dir, args.device, args.device_map)
     output = args.output or Path("out") / recipe.name
     try:
-        if distributed.initialize() and not distributed.is_main():
+        if distributed.initialize(recipe.execution.device) and not distributed.is_main():
             quiet_down()  # under torchrun rank 0 reports for all ranks
         if distributed.is_main():  # the rank that writes it: another could find it already written
             io.check_output_dir(output)  # before any calibration: a result that cannot be written is time lost
@@ -142,17 +149,22 @@ def run_quantize(args: argparse.Namespace) -> None:
         distributed.teardown()
 
 
-def with_execution(recipe: Recipe, pipeline: Optional[str], offload_dir: Optional[Path]) -> Recipe:
-    """The recipe with --pipeline and --offload-dir in its execution section."""
+def with_execution(recipe: Recipe, pipeline: Optional[str], offload_dir: Optional[Path], device: Optional[str] = None,
+                   device_map: Optional[str] = None) -> Recipe:
+    """The recipe with --pipeline, --offload-dir, --device and --device-map in its execution section."""
     from quantsink.recipe import Recipe
 
-    if pipeline is None and offload_dir is None:
+    if pipeline is None and offload_dir is None and device is None and device_map is None:
         return recipe
     execution = recipe.execution.model_dump()
     if offload_dir is not None:
         execution.update(pipeline="sequential", offload_dir=str(offload_dir))
     if pipeline is not None:
         execution["pipeline"] = pipeline
+    if device is not None:
+        execution["device"] = device
+    if device_map is not None:
+        execution["device_map"] = device_map
     return Recipe.from_dict({**recipe.to_dict(), "execution": execution}, origin="recipe with command-line overrides")
 
 
@@ -274,6 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     drop_third_party_noise()
+    keep_large_allocations_mapped()  # the process is ours (quantsink.memory)
     if args.quiet and args.command != "models":  # `models` loads nothing: keep it free of transformers
         quiet_down()
     try:

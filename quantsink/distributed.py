@@ -48,14 +48,15 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def initialize() -> bool:
+def initialize(device: str = "auto") -> bool:
     """Join torchrun's process group, once per process, when torchrun launched several ranks;
-    whether this call did."""
+    whether this call did. nccl when the recipe's `device` (execution.device) is a GPU, each
+    rank on cuda:LOCAL_RANK; gloo on the CPU."""
     if not launched() or dist.is_initialized():
         return False
-    backend = backend_here()
-    if backend == "nccl":  # each rank on its own GPU, so that "cuda" means this rank's
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device_for(device).type == "cuda" else "gloo"
+    if backend == "nccl":  # so that "cuda" (and nccl's own buffers) mean this rank's GPU
+        torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
     atexit.register(teardown)
     if is_main():
@@ -63,11 +64,45 @@ def initialize() -> bool:
     return True
 
 
-def backend_here() -> str:
-    """nccl when every rank on this machine has a GPU of its own (the model runs there), gloo
-    otherwise: nccl cannot put two ranks on one GPU."""
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks else "gloo"
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# what torch says about each kind of accelerator it may have been built with
+_AVAILABLE = {
+    "cuda": lambda: torch.cuda.is_available(),
+    "mps": lambda: torch.backends.mps.is_available(),
+    "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+}
+
+
+def device_for(requested: str) -> torch.device:
+    """The device execution.device names, on this machine and this rank: auto is cuda when torch
+    sees a GPU and cpu otherwise; under torchrun a GPU rank computes on cuda:LOCAL_RANK. A device
+    this machine lacks is refused, before anything loads."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cpu":
+        return device
+    if not _AVAILABLE[device.type]():
+        raise UserError(f"execution.device {requested}: torch sees no {device.type} device on this machine: "
+                        "use --device cpu (or auto), or run where one is")
+    # always with its index, as the tensors on it report their device
+    if device.type != "cuda":
+        return device if device.index is not None else torch.device(device.type, 0)
+    if launched():
+        if device.index is not None:
+            raise UserError(f"execution.device {requested}: under torchrun each rank computes on cuda:LOCAL_RANK: "
+                            "write --device cuda (or auto)")
+        device = torch.device("cuda", local_rank())
+    elif device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise UserError(f"execution.device {device}: this machine has {count} GPU{'s' if count != 1 else ''} "
+                        f"(cuda:0 to cuda:{count - 1}): pick one of them, or lower torchrun's --nproc-per-node")
+    return device
 
 
 def teardown() -> None:
@@ -111,7 +146,9 @@ def shard(batches: Iterable[T]) -> Sequence[T] | Iterable[T]:
 
 
 def gather(obj: T, device: torch.device | str = "cpu") -> list[T]:
-    """Every rank's `obj`, in rank order, its tensors on `device`; one process: [obj] as it is."""
+    """Every rank's `obj`, in rank order, its tensors on `device`; one process: [obj] as it is.
+    Under nccl as under gloo the objects travel pickled (nccl moves the bytes through this
+    rank's GPU), so the tensors in them may live on any device."""
     if world_size() == 1:
         return [obj]
     # sent from CPU: a tensor pickled on one rank's GPU would unpickle on that GPU on every rank

@@ -143,8 +143,17 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    # safetensors refuses shared or strided storage; tied weights are saved once per name
-    save_file({name: tensor.detach().contiguous().clone() for name, tensor in tensors.items()}, str(path))
+    """Write `tensors` as they are: safetensors refuses entries that share storage (tied
+    weights, saved once per name) or are strided, so only those are copied, not the whole model."""
+    owners: set[tuple[torch.device, int]] = set()
+    written = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach()
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        shared = storage in owners
+        owners.add(storage)
+        written[name] = tensor.clone() if shared else tensor.contiguous()
+    save_file(written, str(path))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

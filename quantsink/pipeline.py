@@ -12,8 +12,10 @@
 `run` composes them into the Artifact that every export reads."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -33,13 +35,13 @@ from quantsink.kv.cache import SinkQuantizedCache
 from quantsink.kv.scheme import KVCacheScheme
 from quantsink.kv.storage import KVMemory
 from quantsink.methods.base import Method, MethodContext, require_capabilities
-from quantsink.models import resolve
-from quantsink.models.base import Adapter
+from quantsink.models import Placement, resolve
+from quantsink.models.base import Adapter, on_device
 from quantsink.models.probe import require_modules_run, require_runs, tallied_modules
 from quantsink.quantizers.base import Quantizer
 from quantsink.recipe import CalibrationConfig, ExecutionConfig, QuantizationConfig, Recipe
 from quantsink.registry import EXPORT_FORMATS, METHODS, QUANTIZERS
-from quantsink.models.streaming import make_resident
+from quantsink.models.streaming import host_blocks, make_resident
 from quantsink.sequential import IN_MEMORY
 
 log = logging.getLogger(__name__)
@@ -84,18 +86,56 @@ def plan(recipe: Recipe) -> list[Method]:
 
 
 def load(spec: str | nn.Module, recipe: Recipe, methods: list[Method]) -> Adapter:
+    """The model, placed as execution says: in_memory, all of it on the device (or over the
+    devices accelerate picks, device_map auto); sequential, its blocks on the CPU (or on disk,
+    offload_dir) and the rest on the device, each block coming for its turn."""
     execution = recipe.execution
-    if execution.offload_dir is None:
-        adapter = resolve(spec)
-    else:
+    device = distributed.device_for(execution.device)  # a device this machine lacks: refused before loading
+    if execution.device_map is not None and distributed.launched():
+        raise UserError("execution.device_map auto spreads one model over every GPU, and torchrun runs one model per rank "
+                        "on a GPU of its own: drop device_map, or run in one process")
+    if execution.offload_dir is not None:
         refuse_streaming(recipe, methods)
-        adapter = resolve(spec, stream_weights=True)
+        adapter = resolve(spec, stream_weights=True, placement=Placement(str(device)))
+    elif execution.pipeline == "sequential":
+        adapter = resolve(spec)
+        host_blocks(adapter, device)
+    else:
+        adapter = resolve(spec, placement=Placement(str(device), execution.device_map, execution.max_memory))
     if recipe.kv_cache is not None:
         # static scales are calibrated by the kv-static method, named as it is in the folder
         require_kv_cache(adapter, "kv-static" if recipe.kv_cache.scales == "static" else "a kv_cache recipe")
     for method in methods:
         require_capabilities(method, adapter)
     return adapter
+
+
+def execution_report(adapter: Adapter, execution: ExecutionConfig) -> dict[str, Any]:
+    """How the calibration ran: the pipeline, the device it ran on (this rank's, under torchrun)
+    and, with device_map auto, where accelerate put each module."""
+    report: dict[str, Any] = {"pipeline": execution.pipeline, "device": str(adapter.input_device)}
+    if execution.device_map is not None:
+        # accelerate records its map when it spreads the model, not when one device holds all of it
+        placed = getattr(adapter.model, "hf_device_map", None) or {"": report["device"]}
+        report["device_map"] = {name: str(where) for name, where in placed.items()}
+    return report
+
+
+@contextlib.contextmanager
+def dispatch_hooks_kept(model: nn.Module) -> Iterator[None]:
+    """accelerate's device hooks (device_map auto over several devices) live on module objects:
+    a module the quantizer replaces (a Linear by its quantized self) gets its predecessor's hook
+    again, so that its inputs still move to the device its weights are on."""
+    hooked = {name: module._hf_hook for name, module in model.named_modules() if hasattr(module, "_hf_hook")}
+    yield
+    if not hooked:
+        return
+    from accelerate.hooks import add_hook_to_module
+
+    for name, hook in hooked.items():
+        module = model.get_submodule(name)
+        if not hasattr(module, "_hf_hook"):
+            add_hook_to_module(module, hook)
 
 
 def refuse_streaming(recipe: Recipe, methods: list[Method]) -> None:
@@ -113,7 +153,9 @@ def refuse_streaming(recipe: Recipe, methods: list[Method]) -> None:
 
 
 def preprocess_all(adapter: Adapter, samples: list[Any], batch_size: int, max_length: Optional[int]) -> list[dict[str, Any]]:
-    return [adapter.preprocess(batch, max_length=max_length) for batch in batched(samples, batch_size)]
+    """`samples` as batches of model inputs, on the device the model takes them on."""
+    return [on_device(adapter.preprocess(batch, max_length=max_length), adapter.input_device)
+            for batch in batched(samples, batch_size)]
 
 
 def data(adapter: Adapter, settings: CalibrationConfig) -> Splits:
@@ -137,7 +179,8 @@ def calibrate(adapter: Adapter, quantizer: Quantizer, batches: list[dict[str, An
     must reach each target. Under torchrun each rank runs its shard of `batches`, and the
     statistics and input observers are merged in rank order: every rank ends with what one
     process calibrated on all of `batches` ends with (quantsink.distributed)."""
-    targets = quantizer.prepare(adapter.model)
+    with dispatch_hooks_kept(adapter.model):
+        targets = quantizer.prepare(adapter.model)
     collector = StatisticsCollector(adapter)
     shard = distributed.shard(batches)
     started = time.perf_counter()
@@ -163,7 +206,8 @@ def calibrate(adapter: Adapter, quantizer: Quantizer, batches: list[dict[str, An
 
 def quantize(adapter: Adapter, quantizer: Quantizer, calibration: Calibration) -> dict[str, Any]:
     """Freeze the calibrated targets, prove a probe forward reaches them; their report entries."""
-    quantizer.freeze(adapter.model)
+    with dispatch_hooks_kept(adapter.model):
+        quantizer.freeze(adapter.model)
     require_modules_run(adapter, calibration.targets)
     return {"quantized_modules": len(calibration.targets), **quantizer.runtime(adapter.model), "outliers": calibration.stats.summary()}
 
@@ -244,6 +288,7 @@ def run(spec: str | nn.Module, recipe: Recipe, progress: bool = True) -> tuple[A
             "calibration_samples": splits.calibration_samples,
             "holdout_samples": splits.holdout_samples,
         },
+        "execution": execution_report(adapter, recipe.execution),
         "methods": run_methods(MethodContext(adapter, recipe, splits.calibration, make_quantizer, progress), methods),
     }
     quantizer, stats = None, None

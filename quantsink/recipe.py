@@ -37,20 +37,68 @@ class CalibrationConfig(Schema):
     seq_len: Optional[PositiveInt] = None
 
 
+# what torch calls a device, before anything asks torch whether this machine has it
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+# accelerate's sizes ("8GiB", "500MB"), or a count of bytes
+MEMORY_SIZE = re.compile(r"\d+(\.\d+)?\s*([KMGT]i?B|B)", re.IGNORECASE)
+
+
 class ExecutionConfig(Schema):
     """How calibration passes go through the model (quantsink.sequential). `pipeline`:
     in_memory (each batch through the whole model) or sequential (the whole set through one
     block at a time). `offload_dir` (sequential only): the residual streams between blocks go
     there instead of memory, and so do the weights: the model loads with its blocks on disk, each
-    read in for its turn and quantized there (quantsink.models.streaming)."""
+    read in for its turn and quantized there (quantsink.models.streaming).
+
+    `device`: where the model computes; auto is cuda when torch sees a GPU, cpu otherwise (under
+    torchrun each rank takes cuda:LOCAL_RANK). in_memory puts the whole model there; sequential
+    keeps the blocks and their inputs on the CPU (or on disk) and brings one block at a time.
+    `device_map: auto` (transformers models, in_memory) lets accelerate spread the model over
+    the GPUs, within `max_memory` per device ({0: 70GiB, cpu: 8GiB}) when given."""
 
     pipeline: Literal["in_memory", "sequential"] = "in_memory"
     offload_dir: Optional[str] = None
+    device: str = "auto"
+    device_map: Optional[Literal["auto"]] = None
+    max_memory: Optional[dict[str, int | str]] = None
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_a_device(cls, device: str) -> str:
+        if not DEVICE.fullmatch(device):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N, mps or xpu, got {device!r}")
+        return device
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _memory_per_device(cls, memory: Any) -> Any:
+        """Keys as accelerate names devices (a GPU index, cpu), values as its sizes; YAML reads
+        `0:` as an integer, JSON gives it back as "0": both mean GPU 0."""
+        if memory is None:
+            return None
+        if not isinstance(memory, dict) or not memory:
+            raise ValueError(f"expected a mapping of device to size like {{0: 70GiB, cpu: 8GiB}}, got {memory!r}")
+        checked = {}
+        for key, size in memory.items():
+            key = str(key)
+            if not (key == "cpu" or key.isdigit()):
+                raise ValueError(f"{key}: expected a GPU index or cpu (accelerate's max_memory keys)")
+            if isinstance(size, bool) or not (isinstance(size, int) or isinstance(size, str) and MEMORY_SIZE.fullmatch(size)):
+                raise ValueError(f"{key}: expected a size like 8GiB or a number of bytes, got {size!r}")
+            checked[key] = size
+        return checked
 
     @model_validator(mode="after")
-    def _offload_needs_sequential(self) -> "ExecutionConfig":
+    def _placements_compose(self) -> "ExecutionConfig":
         if self.offload_dir is not None and self.pipeline != "sequential":
             raise ValueError("offload_dir keeps block inputs and weights on disk between blocks: it needs pipeline: sequential")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("max_memory bounds what accelerate places on each device: it needs device_map: auto")
+        if self.device_map is not None and self.pipeline != "in_memory":
+            raise ValueError("device_map auto spreads the whole model over the devices for in_memory passes, and pipeline "
+                             "sequential brings one block at a time to execution.device itself: drop one of them")
+        if self.device_map is not None and self.device != "auto":
+            raise ValueError(f"device_map auto chooses the devices itself: drop device {self.device} or device_map")
         return self
 
 

@@ -10,7 +10,8 @@ module, so it gives the same result (tests/test_sequential.py checks it bit for 
 `sequential` (llm-compressor's sequential pipeline, without its tracing): the whole calibration
 set goes through block 0, then through block 1, and so on, so what is live at once is one
 block's activations for one batch plus the residual stream of every batch at one depth, kept on
-CPU or, with `offload_dir`, in safetensors files there. Three steps:
+CPU or, with `offload_dir`, in safetensors files there. On an accelerator each block comes to it
+for its turn (quantsink.models.streaming.HostedBlocks) and each stream for its call. Three steps:
 
   capture  each batch runs through the model with every block replaced by a stand-in that
            notes the call (the stream entering block 0, and every block's other arguments: masks,
@@ -46,7 +47,8 @@ from tqdm.auto import tqdm
 from quantsink.errors import UserError
 from quantsink.models.base import Adapter, hidden_states_of
 from quantsink.models.handles import ForwardState, installed
-from quantsink.models.streaming import return_freed_memory, streamed
+from quantsink.memory import return_freed_memory
+from quantsink.models.streaming import streamed
 from quantsink.recipe import ExecutionConfig
 
 Batch = dict[str, torch.Tensor]
@@ -118,6 +120,7 @@ class _Streams:
                                 "pass a writable folder") from None
 
     def put(self, batch: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.to("cpu")  # off the device the block ran on (the same tensor on the CPU)
         if self.folder is None:
             self._memory[batch] = hidden
             return
@@ -145,6 +148,8 @@ class SequentialForward:
         self.adapter, self.offload_dir = adapter, offload_dir
         self.blocks = adapter.blocks()
         self.weights = streamed(adapter)
+        # where the blocks compute: the streams, kept on the CPU, go there for each call
+        self.device = adapter.input_device
         self.names = adapter.block_names()
         self.holders = self._forward_state_holders()
         # per watched module of the stem (what runs before the first block): its output per batch
@@ -196,7 +201,7 @@ class SequentialForward:
                         self._load(states[number])
                         before(batch)
                         args, kwargs = calls[number][index]
-                        output = block(streams.get(number), *args, **kwargs)
+                        output = block(streams.get(number).to(self.device), *args, **kwargs)
                         states[number] = self._states()
                         # the shape of the output without the stream, for the tail to rebuild
                         templates[number] = None if isinstance(output, torch.Tensor) else (None, *output[1:])
@@ -272,7 +277,7 @@ class SequentialForward:
         try:
             with self._stood_in(replay):
                 for number, batch in enumerate(batches):
-                    current.update(number=number, hidden=streams.get(number), template=templates[number])
+                    current.update(number=number, hidden=streams.get(number).to(self.device), template=templates[number])
                     self._load(states[number])
                     before(batch)
                     embeddings.append(self.adapter.embed(batch))

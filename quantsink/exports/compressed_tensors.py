@@ -113,7 +113,8 @@ def compressed_layer(linear: QuantizedLinear, layout: str) -> dict[str, torch.Te
 
     weights, inputs = linear.weight_args, linear.activation_args
     shift = signed_grid_shift(weights.bits, weights.symmetric)
-    tensors = {"weight": (linear.weight - shift).to(torch.int8), "weight_scale": linear.weight_scale}
+    codes = (linear.weight.to(torch.int32) - shift) if shift else linear.weight  # an int8 backend's codes are not copied
+    tensors = {"weight": codes.to(torch.int8), "weight_scale": linear.weight_scale}
     if not weights.symmetric:
         tensors["weight_zero_point"] = (linear.weight_zero_point - shift).to(torch.int8)
     if linear.input_scale is not None:

@@ -98,7 +98,7 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, mask: Optional[to
     if key.shape[1] != heads:  # grouped-query attention
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    total = torch.zeros(query.shape[0], key.shape[-2])
+    total = torch.zeros(query.shape[0], key.shape[-2], device=query.device)
     for head in range(heads):
         logits = (query[:, head].float() @ key[:, head].float().transpose(-1, -2)) * scale
         if is_causal:  # aligned top-left, as F.scaled_dot_product_attention aligns it
@@ -172,7 +172,7 @@ class InspectionCollector:
     def _on_block(self, index: int):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             hidden = finite_block_output(output, self.block_names[index])
-            real = self._real if self._real is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
+            real = self._real if self._real is not None else torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
             token_linf = hidden.abs().amax(dim=-1)
             tokens = hidden[real]
             stream = self.blocks[index]

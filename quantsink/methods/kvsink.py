@@ -165,7 +165,7 @@ def profile_sinks(
     peaks = [reduce(torch.maximum, [rank_peaks[index] for rank_peaks, _ in parts]) for index in range(len(blocks))]
     scales = [[value for _, rank_scales in parts for value in rank_scales[index]] for index in range(len(blocks))]
 
-    scale = torch.tensor([sum(values) / len(values) for values in scales]).clamp_min(1e-12)
+    scale = torch.tensor([sum(values) / len(values) for values in scales], device=peaks[0].device).clamp_min(1e-12)
     ratios = torch.stack(peaks) / scale.unsqueeze(1)  # (blocks, channels)
     stable = stable_ratios(ratios, options.stable_fraction)
     strongest = float(stable.max())

@@ -120,16 +120,20 @@ class _Watch:
     """Per-Linear accumulators of the profiling pass."""
 
     def __init__(self, name: str, width: int):
-        self.name = name
+        self.name, self.width = name, width
         self.ratio = 0.0
         self.outliers = self.tokens = self.inputs_with = 0
         self.texts: Counter[str] = Counter()
         self.positions: Counter[int] = Counter()
-        self.outlier_min = torch.full((width,), float("inf"))
-        self.other_max = torch.zeros(width)
+        # per channel, made on the device of the first input (a streamed Linear's weight is on meta)
+        self.outlier_min: Optional[torch.Tensor] = None
+        self.other_max: Optional[torch.Tensor] = None
 
     def observe(self, x: torch.Tensor, real: torch.Tensor, texts: Optional[list[list[str]]], ratio: float) -> None:
         magnitude = x.detach().abs().float()
+        if self.outlier_min is None:
+            self.outlier_min = torch.full((self.width,), float("inf"), device=magnitude.device)
+            self.other_max = torch.zeros(self.width, device=magnitude.device)
         linf = magnitude.amax(dim=-1)  # (batch, tokens)
         median = linf[real].median().clamp_min(1e-12)
         self.ratio = max(self.ratio, float(linf[real].max() / median))
@@ -172,7 +176,7 @@ def profile_outliers(
     def watch(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
-            real = current["real"] if current["real"] is not None else torch.ones(x.shape[:-1], dtype=torch.bool)
+            real = current["real"] if current["real"] is not None else torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
             if x.shape[:-1] != real.shape:
                 raise UserError(
                     f"sink-tokens: the input of {name} is shaped {tuple(x.shape)}, not (batch, tokens, features) as the "

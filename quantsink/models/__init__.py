@@ -13,8 +13,9 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from quantsink.errors import CheckpointError, ModelLoadError, UserError
 from quantsink.models.catalog import CATALOG, SHORT_NAMES, SPEC_FORMS, unknown_name
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from quantsink.models.base import Adapter, ModelSource
     from quantsink.registry import Registry
 
-__all__ = ["Adapter", "ModelSource", "catalog", "rebuild", "resolve", "save_model"]
+__all__ = ["Adapter", "ModelSource", "Placement", "catalog", "rebuild", "resolve", "save_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +74,48 @@ def __getattr__(name: str) -> Any:  # Adapter and ModelSource import torch: only
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def resolve(model: str | os.PathLike | nn.Module, stream_weights: bool = False) -> Adapter:
-    """The Adapter for a model spec or an in-memory module (see the module docstring); with
-    `stream_weights`, a local folder's block weights stay on disk (quantsink.models.streaming)."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded model's weights go: all on `device` (a torch device name, resolved:
+    quantsink.distributed.device_for), or with `device_map` "auto" over the devices accelerate
+    chooses for a transformers model, within `max_memory` per device (ExecutionConfig)."""
+
+    device: str = "cpu"
+    device_map: Optional[str] = None
+    max_memory: Optional[dict[str, int | str]] = None
+
+    def refuse_device_map(self, what: str) -> None:
+        if self.device_map is not None:
+            raise UserError(f"execution.device_map {self.device_map} loads a transformers model folder through accelerate, "
+                            f"and {what} loads otherwise: drop device_map (execution.device puts the whole model on one device)")
+
+
+ON_CPU = Placement()
+
+
+def resolve(model: str | os.PathLike | nn.Module, stream_weights: bool = False, placement: Placement = ON_CPU) -> Adapter:
+    """The Adapter for a model spec or an in-memory module (see the module docstring), its
+    weights where `placement` says (an in-memory module moves there in place); with
+    `stream_weights`, a local folder's block weights stay on disk (quantsink.models.streaming)
+    and come to `placement.device` one block at a time."""
     if stream_weights:
-        return _streamed(model)
+        placement.refuse_device_map("a model streamed from disk (--offload-dir)")
+        return _streamed(model, placement.device)
     if not isinstance(model, (str, os.PathLike)):
         from torch import nn
 
         if isinstance(model, nn.Module):
-            return _from_module(model)
-    return _resolve(str(model), spec=str(model))
+            placement.refuse_device_map("a module already in memory")
+            return _placed(_from_module(model), placement)
+    return _placed(_resolve(str(model), str(model), placement), placement)
+
+
+def _placed(adapter: Adapter, placement: Placement) -> Adapter:
+    """`adapter` with its model on `placement.device`, unless accelerate placed it (device_map);
+    a model on the CPU asked for the CPU is left as it is, not copied."""
+    if placement.device_map is None and placement.device != "cpu":
+        adapter.model.to(placement.device)
+    return adapter
 
 
 def rebuild(source: ModelSource, assets_dir: Path | None = None) -> Adapter:
@@ -113,19 +145,19 @@ def catalog() -> list[tuple[str, str, str, str]]:
     return [(entry.name, entry.spec, entry.family, entry.note) for entry in CATALOG]
 
 
-def _resolve(target: str, spec: str) -> Adapter:
+def _resolve(target: str, spec: str, placement: Placement = ON_CPU) -> Adapter:
     scheme, colon, rest = target.partition(":")
     if colon and scheme in _HUB_LOADERS:
-        return _HUB_LOADERS[scheme](rest, spec)
+        return _HUB_LOADERS[scheme](rest, spec, placement)
     path = Path(target).expanduser()
     if path.is_dir():
-        return _from_folder(path, spec)
+        return _from_folder(path, spec, placement)
     if path.exists():
         raise UserError(f"{target} is a file, not a model folder: pass the folder that holds it")
     if target in SHORT_NAMES:
         entry = SHORT_NAMES.get(target)
         local = entry.local_folder()
-        return _resolve(str(local) if local is not None else entry.spec, spec)
+        return _resolve(str(local) if local is not None else entry.spec, spec, placement)
     if _HUB_ID.fullmatch(target):
         raise ModelLoadError(f"there is no folder {target}: for a Hugging Face hub id write hf:{target}")
     if "/" in target or os.sep in target:
@@ -133,13 +165,14 @@ def _resolve(target: str, spec: str) -> Adapter:
     raise unknown_name(target)
 
 
-def _from_hf_hub(repo_id: str, spec: str) -> Adapter:
+def _from_hf_hub(repo_id: str, spec: str, placement: Placement) -> Adapter:
     from quantsink.models import hub
 
-    return _from_hf_folder(hub.snapshot(spec, repo_id), spec)
+    return _from_hf_folder(hub.snapshot(spec, repo_id), spec, placement)
 
 
-def _from_open_clip(name: str, spec: str) -> Adapter:
+def _from_open_clip(name: str, spec: str, placement: Placement) -> Adapter:
+    placement.refuse_device_map(f"{spec} (open_clip)")
     arch, _, tag = name.partition("/")
     if not arch or not tag:
         raise UserError(
@@ -148,32 +181,34 @@ def _from_open_clip(name: str, spec: str) -> Adapter:
     return adapters().get("open-clip").from_pretrained(arch, tag, spec)
 
 
-def _from_timm(name: str, spec: str) -> Adapter:
+def _from_timm(name: str, spec: str, placement: Placement) -> Adapter:
+    placement.refuse_device_map(f"{spec} (timm)")
     return adapters().get("timm-vit").from_pretrained(name, spec)
 
 
-_HUB_LOADERS: dict[str, Callable[[str, str], Adapter]] = {
+_HUB_LOADERS: dict[str, Callable[[str, str, Placement], Adapter]] = {
     "hf": _from_hf_hub,
     "open_clip": _from_open_clip,
     "timm": _from_timm,
 }
 
 
-def _from_folder(folder: Path, spec: str) -> Adapter:
+def _from_folder(folder: Path, spec: str, placement: Placement = ON_CPU) -> Adapter:
     from quantsink import io
 
     if (folder / io.MANIFEST).is_file():
+        placement.refuse_device_map(f"{folder}, a folder quantsink wrote,")
         return _from_saved_folder(folder)
     if (folder / "config.json").is_file():
-        return _from_hf_folder(folder, spec)
+        return _from_hf_folder(folder, spec, placement)
     raise UserError(
         f"{folder} has neither config.json (a Hugging Face model folder) nor {io.MANIFEST} (a folder quantsink "
         f"wrote): pass a model folder, a short name from `quantsink models`, or {SPEC_FORMS}"
     )
 
 
-def _from_hf_folder(folder: Path, spec: str) -> Adapter:
-    return _hf_family(folder).from_pretrained(folder, spec)
+def _from_hf_folder(folder: Path, spec: str, placement: Placement = ON_CPU) -> Adapter:
+    return _hf_family(folder).from_pretrained(folder, spec, placement)
 
 
 def _hf_family(folder: Path) -> type[Adapter]:
@@ -214,8 +249,9 @@ def _from_saved_folder(folder: Path) -> Adapter:
     return adapter
 
 
-def _streamed(model: str | os.PathLike | nn.Module) -> Adapter:
-    """A local folder's model with its blocks on the meta device and their weights on disk."""
+def _streamed(model: str | os.PathLike | nn.Module, device: str) -> Adapter:
+    """A local folder's model with its blocks on the meta device and their weights on disk, the
+    rest of it on `device`, where each block comes for its turn."""
     from quantsink import io
     from quantsink.models.base import ModelSource
     from quantsink.models.streaming import load_streamed
@@ -233,7 +269,7 @@ def _streamed(model: str | os.PathLike | nn.Module) -> Adapter:
         if manifest.get("quantization") is not None or not isinstance(manifest.get("source"), dict):
             return _from_saved_folder(folder)  # its own one-line refusal
         source = ModelSource.from_dict(manifest["source"])
-        return load_streamed(lambda: rebuild(source, assets_dir=folder), [folder / io.WEIGHTS])
+        return load_streamed(lambda: rebuild(source, assets_dir=folder), [folder / io.WEIGHTS], device=device)
     if (folder / "config.json").is_file():
         family = _hf_family(folder)
         from transformers import AutoConfig
@@ -249,7 +285,7 @@ def _streamed(model: str | os.PathLike | nn.Module) -> Adapter:
             raise ModelLoadError(f"{folder} holds no safetensors weights: the folder needs them to stream its blocks")
         from quantsink.models.hf import checkpoint_names
 
-        return load_streamed(build_hf, files, checkpoint_names)
+        return load_streamed(build_hf, files, checkpoint_names, device=device)
     return _from_folder(folder, str(model))  # its own one-line refusal
 
 

@@ -108,7 +108,7 @@ class Adapter(ABC):
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         """The smallest input of the model, for the probe forwards that prove what quantsink
         installed runs (quantsink.models.probe): one tiny image, preprocessed as any other."""
-        return self.preprocess([Image.new("RGB", (32, 32), (124, 116, 104))])
+        return on_device(self.preprocess([Image.new("RGB", (32, 32), (124, 116, 104))]), self.input_device)
 
     def token_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """(batch, tokens) bool mask of real tokens in block outputs, or None when all are real;
@@ -122,6 +122,18 @@ class Adapter(ABC):
         return per_token
 
     # --- helpers shared by every family -------------------------------------------------
+    @property
+    def input_device(self) -> torch.device:
+        """Where the model takes its inputs: where its blocks compute when they come in one at a
+        time (quantsink.models.streaming), else where its first weight is (the embeddings; with
+        accelerate's device_map its hooks move inputs on from there)."""
+        from quantsink.models.streaming import STREAMED_ATTRIBUTE
+
+        residence = self.__dict__.get(STREAMED_ATTRIBUTE)
+        if residence is not None:
+            return residence.device
+        return next((weight.device for weight in self.model.parameters() if not weight.is_meta), torch.device("cpu"))
+
     @property
     def num_blocks(self) -> int:
         return len(self.blocks())
@@ -137,6 +149,13 @@ ADAPTERS: Registry[type[Adapter]] = Registry("model family")
 def register_adapter(adapter: type[Adapter]) -> type[Adapter]:
     """Class decorator: register an Adapter under its own `family` name."""
     return ADAPTERS.register(adapter.family)(adapter)
+
+
+def on_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch of model inputs with its tensors on `device` (the same batch when they are there)."""
+    if all(value.device == device for value in inputs.values() if isinstance(value, torch.Tensor)):
+        return inputs
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
 
 
 def hidden_states_of(block_output: Any) -> torch.Tensor:

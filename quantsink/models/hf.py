@@ -47,6 +47,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from quantsink.errors import CheckpointError, ModelLoadError, UserError
 from quantsink.io import MANIFEST
+from quantsink.models import ON_CPU, Placement
 from quantsink.models.attention import attend
 from quantsink.models.base import Adapter, ModelSource, register_adapter
 from quantsink.models.capabilities import SmoothingGroup
@@ -144,10 +145,16 @@ class HFAdapter(Adapter):
         return cls.from_module(model, "<config>", processor)
 
     @classmethod
-    def from_pretrained(cls, folder: Path, spec: str) -> "HFAdapter":
-        """Load a Hugging Face model folder (config.json + safetensors weights)."""
+    def from_pretrained(cls, folder: Path, spec: str, placement: Placement = ON_CPU) -> "HFAdapter":
+        """Load a Hugging Face model folder (config.json + safetensors weights), its weights read
+        straight onto `placement`'s device, or spread over the devices by accelerate."""
         model_class, model_config = cls.architecture(AutoConfig.from_pretrained(folder))
-        model = _load_weights(model_class, folder, model_config, **cls.build_kwargs)
+        placed: dict[str, Any] = {}
+        if placement.device_map == "auto":
+            placed["device_map"] = dispatch_map(model_class, model_config, placement.max_memory, spec, **cls.build_kwargs)
+        elif placement.device != "cpu":  # on the CPU as transformers loads by default: nothing moves
+            placed["device_map"] = placement.device
+        model = _load_weights(model_class, folder, model_config, **placed, **cls.build_kwargs)
         logger.info("loaded %s from %s as %s", spec, folder, model_class.__name__)
         return cls.from_module(model, spec, cls.load_processor(folder))
 
@@ -440,7 +447,7 @@ class HFTextAdapter(HFAdapter):
 
     def probe_inputs(self) -> dict[str, torch.Tensor]:
         """Two tokens, by id: a probe needs no tokenizer."""
-        input_ids = torch.tensor([[0, 1]])
+        input_ids = torch.tensor([[0, 1]], device=self.input_device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
@@ -532,6 +539,36 @@ def checkpoint_names(model: PreTrainedModel, keys: list[str]) -> tuple[dict[str,
         else:
             names[name] = key
     return names, converted
+
+
+def dispatch_map(model_class: type[PreTrainedModel], config: PretrainedConfig, max_memory: dict[str, int | str] | None,
+                 spec: str, **build_kwargs: Any) -> dict[str, Any]:
+    """Where accelerate places each module of the model (`device_map="auto"` within
+    `max_memory`), worked out on the empty architecture before any weight is read, as
+    transformers works it out: its blocks whole, the GPUs first. A module offloaded to the CPU
+    beside a GPU, or to disk, is refused: accelerate keeps its weights there and copies them in
+    for each call, so what quantization writes into the module would be lost."""
+    from accelerate import init_empty_weights, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    with init_empty_weights():
+        empty = model_class(config, **build_kwargs)
+    memory = None if max_memory is None else {int(key) if key.isdigit() else key: size for key, size in max_memory.items()}
+    unsplit = list(empty._no_split_modules or [])
+    balanced = get_balanced_memory(empty, max_memory=memory, no_split_module_classes=unsplit, dtype=torch.float32)
+    device_map = infer_auto_device_map(empty, max_memory=balanced, no_split_module_classes=unsplit, dtype=torch.float32)
+    computing = set(device_map.values()) - {"cpu", "disk"}
+    offloaded = [(name, where) for name, where in device_map.items() if where == "disk" or (where == "cpu" and computing)]
+    if offloaded:
+        name, where = offloaded[0]
+        within = f"within max_memory {max_memory}" if max_memory is not None else "in this machine's memory"
+        raise UserError(
+            f"execution.device_map auto: {spec} does not fit {within}, and accelerate would offload {len(offloaded)} of "
+            f"its modules (e.g. {name or 'the model'}) to {where}, copying their weights in for each call, which loses what "
+            "quantization writes into them: raise max_memory, or use pipeline: sequential with offload_dir "
+            "(quantsink streams the blocks from disk itself)"
+        )
+    return device_map
 
 
 def _load_weights(

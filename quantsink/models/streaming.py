@@ -13,12 +13,14 @@ and key that holds it:
 
 `make_resident` brings every block back for good, quantizing each as it comes (what an export
 writing one file needs). Nothing is written beside the checkpoint, so nothing is left behind.
+
+On an accelerator the blocks are read straight onto it, and those that have come back for good
+stay in CPU memory, each copied to the device for its turn (`HostedBlocks`, which also serves a
+sequential pass of a model loaded in memory): the device holds one block at a time.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -29,25 +31,26 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from quantsink.errors import CheckpointError, UserError
+from quantsink.memory import return_freed_memory
 
 if TYPE_CHECKING:
     from quantsink.models.base import Adapter
 
 log = logging.getLogger(__name__)
 
-# where the adapter keeps its StreamedWeights (a plain attribute, never in the state_dict)
+# where the adapter keeps its BlockResidence, streamed or hosted (a plain attribute, never in the state_dict)
 STREAMED_ATTRIBUTE = "streamed_weights"
 
 
-class StreamedWeights:
-    """The block weights of one model, on disk (module docstring)."""
+class BlockResidence:
+    """Blocks that stay away from where they compute (`device`) and come to it one at a time:
+    `onload(i)` brings block i, `offload(i)` sends it back, and a block called while away comes
+    for that call only (accelerate's offload hooks do the same)."""
 
-    def __init__(self, model: nn.Module, block_names: list[str], sources: dict[str, tuple[Path, str]]):
-        self.model, self.block_names = model, block_names
-        self.sources = sources  # full tensor name -> (safetensors file, key in it)
+    def __init__(self, model: nn.Module, block_names: list[str], device: torch.device | str):
+        self.model, self.block_names, self.device = model, block_names, torch.device(device)
         self.resident: set[int] = set()
         self._transient: set[int] = set()
-        # a block called while on disk comes in for that call only (accelerate's hooks do the same)
         self._hooks = []
         for index in range(len(block_names)):
             block = self.block(index)
@@ -68,8 +71,45 @@ class StreamedWeights:
         return self.model.get_submodule(self.block_names[index])
 
     def onload(self, index: int) -> None:
+        raise NotImplementedError
+
+    def offload(self, index: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+
+class HostedBlocks(BlockResidence):
+    """Blocks kept in CPU memory for a model that computes on an accelerator (a sequential pass
+    on a GPU): each is copied to the device for its turn and back after, so the device holds one
+    block and its activations."""
+
+    def onload(self, index: int) -> None:
+        if index not in self.resident:
+            self.block(index).to(self.device)
+            self.resident.add(index)
+
+    def offload(self, index: int) -> None:
+        if index in self.resident:
+            self.block(index).to("cpu")
+            self.resident.discard(index)
+
+
+class StreamedWeights(BlockResidence):
+    """The block weights of one model, on disk (module docstring), read straight onto `device`."""
+
+    def __init__(self, model: nn.Module, block_names: list[str], sources: dict[str, tuple[Path, str]],
+                 device: torch.device | str = "cpu"):
+        super().__init__(model, block_names, device)
+        self.sources = sources  # full tensor name -> (safetensors file, key in it)
+
+    def onload(self, index: int) -> None:
         if index in self.resident:
             return
+        device = self.device
         block, prefix = self.block(index), self.block_names[index] + "."
         names = list(block.state_dict())
         tensors = {}
@@ -79,15 +119,16 @@ class StreamedWeights:
             for name in names:
                 source = self.sources.get(prefix + name)
                 if source is None:  # what a quantizer added and has not computed yet (its scales)
-                    tensors[name] = torch.zeros(expected[name].shape, dtype=expected[name].dtype)
+                    tensors[name] = torch.zeros(expected[name].shape, dtype=expected[name].dtype, device=device)
                     continue
                 if source[0] not in opened:
                     opened[source[0]] = files.enter_context(safe_open(str(source[0]), framework="pt"))
                 # a copy: a tensor read from the memory-mapped file keeps the whole mapping, and every
                 # page read through it, resident for as long as it lives (measured: a block's worth
                 # of file pages per block that came back for good)
-                tensors[name] = opened[source[0]].get_tensor(source[1]).to(expected[name].dtype, copy=True)
+                tensors[name] = opened[source[0]].get_tensor(source[1]).to(device, expected[name].dtype, copy=True)
         block.load_state_dict(tensors, assign=True, strict=True)
+        _move_tensors(block, device)  # what the block computed itself (non-persistent buffers) follows
         self.resident.add(index)
 
     def offload(self, index: int) -> None:
@@ -102,32 +143,36 @@ class StreamedWeights:
         self.resident.discard(index)
         return_freed_memory()
 
-    def close(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+
+def host_blocks(adapter: "Adapter", device: torch.device) -> None:
+    """A model on the CPU set to compute on `device` one block at a time: everything but its
+    blocks moves there, and each block comes for its turn (HostedBlocks). On the CPU: nothing
+    moves, nothing is copied."""
+    if device.type == "cpu":
+        return
+    names = adapter.block_names()
+    _move_tensors(adapter.model, device, skip=tuple(adapter.blocks()))
+    adapter.__dict__[STREAMED_ATTRIBUTE] = HostedBlocks(adapter.model, names, device)
 
 
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim). Activations and a
-    block's tensors are large allocations; once glibc has freed some through munmap it raises its
-    mmap threshold, so later ones come from the heap, whose freed pages it keeps: measured on a
-    streamed ViT-L, the process grew by about a block per block without this. Elsewhere (no
-    glibc) there is nothing to do."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
+def _move_tensors(root: nn.Module, device: torch.device, skip: tuple[nn.Module, ...] = ()) -> None:
+    """Every parameter and buffer of `root` outside the `skip` modules onto `device`, a tensor
+    that two modules share (tied embeddings) moved once and still shared."""
+    moved: dict[int, torch.Tensor] = {}
+    skipped = {id(module) for block in skip for module in block.modules()}
+    for module in root.modules():
+        if id(module) in skipped:
+            continue
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or tensor.is_meta or tensor.device == device:
+                    continue
+                if id(tensor) not in moved:
+                    copied = tensor.detach().to(device)
+                    if isinstance(tensor, nn.Parameter):
+                        copied = nn.Parameter(copied, requires_grad=tensor.requires_grad)
+                    moved[id(tensor)] = copied
+                table[name] = moved[id(tensor)]
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -139,24 +184,36 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attribute] = value
 
 
-def streamed(adapter: "Adapter") -> StreamedWeights | None:
+def streamed(adapter: "Adapter") -> BlockResidence | None:
     return adapter.__dict__.get(STREAMED_ATTRIBUTE)
 
 
 def make_resident(adapter: "Adapter", finalize: Callable[[nn.Module], None] | None = None) -> None:
-    """Every block of a streamed model resident for good, one after the other, `finalize(block)`
-    applied to each as it comes (the quantizer's freeze: only one block is then ever resident in
-    float); its hooks gone, an ordinary model again (what an export writing one file needs).
-    No-op for other models."""
-    weights = adapter.__dict__.pop(STREAMED_ATTRIBUTE, None)
-    if weights is None:
+    """Every block resident for good, one after the other, `finalize(block)` applied to each as
+    it comes (the quantizer's freeze: only one block is then ever resident in float, on the
+    device it computes on); the hooks gone, an ordinary model again (what an export writing one
+    file needs). With a `finalize`, blocks that compute on an accelerator go back to CPU memory
+    after it and keep coming one at a time; without, that model ends wholly on the CPU. No-op
+    for other models."""
+    residence = adapter.__dict__.pop(STREAMED_ATTRIBUTE, None)
+    if residence is None:
         return
-    weights.close()
-    for index in range(len(weights.block_names)):
-        weights.onload(index)
+    residence.close()
+    on_accelerator = residence.device.type != "cpu"
+    for index in range(len(residence.block_names)):
+        residence.onload(index)
         if finalize is not None:
-            finalize(weights.block(index))
+            finalize(residence.block(index))
+        if on_accelerator:
+            residence.block(index).to("cpu")
+        if finalize is not None:
             return_freed_memory()
+    if not on_accelerator:
+        return
+    if finalize is not None:
+        host_blocks(adapter, residence.device)
+    else:
+        _move_tensors(adapter.model, torch.device("cpu"))
 
 
 def checkpoint_sources(files: list[Path]) -> dict[str, tuple[Path, str]]:
@@ -174,11 +231,14 @@ def checkpoint_sources(files: list[Path]) -> dict[str, tuple[Path, str]]:
 KeyMap = Callable[[nn.Module, list[str]], tuple[dict[str, str], list[str]]]
 
 
-def load_streamed(build: Callable[[], "Adapter"], files: list[Path], key_map: KeyMap | None = None) -> "Adapter":
+def load_streamed(build: Callable[[], "Adapter"], files: list[Path], key_map: KeyMap | None = None,
+                  device: torch.device | str = "cpu") -> "Adapter":
     """The adapter `build()` gives, built with its parameters on the meta device (accelerate's
     `init_empty_weights`; buffers are computed as usual), everything outside the blocks then read
-    from the safetensors `files` and the blocks left there to stream. `key_map(model, keys)`: model
-    tensor name -> key in the files, and the keys it cannot map (default: stored as named)."""
+    from the safetensors `files` onto `device` and the blocks left there to stream to it.
+    `key_map(model, keys)`: model tensor name -> key in the files, and the keys it cannot map
+    (default: stored as named)."""
+    device = torch.device(device)
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
@@ -206,14 +266,15 @@ def load_streamed(build: Callable[[], "Adapter"], files: list[Path], key_map: Ke
                 raise lacks(name)
         elif source is not None:
             with safe_open(str(source[0]), framework="pt") as opened:
-                _assign(model, name, opened.get_tensor(source[1]).to(tensor.dtype, copy=True))
+                _assign(model, name, opened.get_tensor(source[1]).to(device, tensor.dtype, copy=True))
     tie = getattr(model, "tie_weights", None)
     if callable(tie):  # a head that shares the embeddings' weight (saved once) shares it again
         tie()
     still_meta = next((name for name, tensor in model.state_dict().items() if not name.startswith(inside) and tensor.is_meta), None)
     if still_meta is not None:
         raise lacks(still_meta)
-    weights = StreamedWeights(model, names, {name: sources[name] for name in persistent if name.startswith(inside)})
+    _move_tensors(model, device, skip=tuple(adapter.blocks()))  # the buffers it computed on the CPU
+    weights = StreamedWeights(model, names, {name: sources[name] for name in persistent if name.startswith(inside)}, device)
     adapter.__dict__[STREAMED_ATTRIBUTE] = weights
     log.info("loaded %s with its %d blocks streamed from disk", adapter.source.spec, len(names))
     return adapter

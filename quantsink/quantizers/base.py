@@ -7,6 +7,7 @@ import contextlib
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Iterator, Optional
 
 import torch
@@ -96,7 +97,7 @@ class QuantizedLinear:
     """A frozen quantized Linear as integers and scales, whichever backend holds it: what the
     exports read and write, so that none of them knows a backend's module class.
 
-    `weight` holds the integer codes (int32, the weight's shape) on quantsink's grid:
+    `weight` holds the integer codes (int8 or int32, the weight's shape) on quantsink's grid:
     [-(2^(b-1) - 1), 2^(b-1) - 1] when symmetric, [0, 2^b - 1] otherwise; `weight_scale` and
     `weight_zero_point` have the shape `weight_args.granularity` gives (zeros when symmetric).
     `input_scale` and `input_zero_point` exist for static inputs only."""
@@ -109,6 +110,24 @@ class QuantizedLinear:
     bias: Optional[torch.Tensor]
     weight_args: WeightArgs
     activation_args: Optional[ActivationArgs]
+
+
+class QuantizedLinears(Mapping[str, QuantizedLinear]):
+    """Every frozen quantized Linear of a model by name, each view built when it is read: an
+    export walks them one layer at a time, so it never holds more than one layer's integer codes
+    beyond what it writes (a backend keeping float weights computes them per layer)."""
+
+    def __init__(self, modules: dict[str, nn.Module], view: Callable[[nn.Module], QuantizedLinear]):
+        self._modules, self._view = modules, view
+
+    def __getitem__(self, name: str) -> QuantizedLinear:
+        return self._view(self._modules[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 class Quantizer(ABC):
@@ -164,7 +183,7 @@ class Quantizer(ABC):
     def state(self, model: nn.Module) -> dict[str, Any]:
         ...
 
-    def quantized_linears(self, model: nn.Module) -> dict[str, QuantizedLinear]:
+    def quantized_linears(self, model: nn.Module) -> QuantizedLinears:
         """Every frozen quantized Linear of `model` by name (on a model `restore` rebuilt: the
         shapes a checkpoint must fill)."""
         raise UserError(f"quantization.backend {self.config.backend} keeps no integer layers to export: use export.format fake-quant")

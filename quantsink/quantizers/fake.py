@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantsink.errors import UserError
-from quantsink.quantizers.base import QuantizedLinear, Quantizer, replace_module, target_linears, module_to_restore
+from quantsink.quantizers.base import (QuantizedLinear, QuantizedLinears, Quantizer, module_to_restore, replace_module,
+                                       target_linears)
 from quantsink.quantizers.functional import dequantize, fake_quantize, fake_quantize_along, qparams_from_range, quantize
 from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
 from quantsink.registry import OBSERVERS, QUANTIZERS
@@ -162,18 +163,15 @@ class FakeQuantizer(Quantizer):
     def state(self, model: nn.Module) -> dict[str, Any]:
         return {"modules": sorted(self.quantized_modules(model))}
 
-    def quantized_linears(self, model: nn.Module) -> dict[str, QuantizedLinear]:
+    def quantized_linears(self, model: nn.Module) -> QuantizedLinears:
         if self.config.weights is None:
             raise UserError("quantization.weights is null, so the layers hold no integers to export: use export.format fake-quant")
-        return {
-            name: QuantizedLinear(
-                weight=grid_weight(module), weight_scale=module.weight_scale, weight_zero_point=module.weight_zero_point,
-                input_scale=module.input_scale if module.quantizes_static_input else None,
-                input_zero_point=module.input_zero_point if module.quantizes_static_input else None,
-                bias=module.bias, weight_args=module.weight_args, activation_args=module.activation_args,
-            )
-            for name, module in self.quantized_modules(model).items()
-        }
+        return QuantizedLinears(self.quantized_modules(model), lambda module: QuantizedLinear(
+            weight=grid_weight(module), weight_scale=module.weight_scale, weight_zero_point=module.weight_zero_point,
+            input_scale=module.input_scale if module.quantizes_static_input else None,
+            input_zero_point=module.input_zero_point if module.quantizes_static_input else None,
+            bias=module.bias, weight_args=module.weight_args, activation_args=module.activation_args,
+        ))
 
     def linear_state(self, linear: QuantizedLinear) -> dict[str, torch.Tensor]:
         """The weight dequantized exactly as `freeze` left it, beside its integers' scales."""

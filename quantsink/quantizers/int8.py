@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from quantsink.quantizers import kernels
-from quantsink.quantizers.base import QuantizedLinear, replace_module
+from quantsink.quantizers.base import QuantizedLinear, QuantizedLinears, replace_module
 from quantsink.quantizers.fake import FakeQuantizer, FakeQuantLinear, grid_weight, weight_qparams_shape
 from quantsink.quantizers.functional import qparams_from_range
 from quantsink.recipe import ActivationArgs, QuantizationConfig, WeightArgs
@@ -79,8 +79,8 @@ class Int8Linear(nn.Module):
     @torch.no_grad()
     def from_fake(cls, fake: FakeQuantLinear) -> "Int8Linear":
         """The int8 module of a frozen FakeQuantLinear: same integers, same scales."""
-        module = cls(fake.in_features, fake.out_features, fake.bias is not None, fake.weight_args, fake.activation_args)
-        module.to(fake.weight.device)
+        with torch.device(fake.weight.device):
+            module = cls(fake.in_features, fake.out_features, fake.bias is not None, fake.weight_args, fake.activation_args)
         module.weight.copy_(grid_weight(fake))
         module.weight_scale.copy_(fake.weight_scale)
         if hasattr(module, "input_scale"):
@@ -175,17 +175,17 @@ class Int8Quantizer(FakeQuantizer):
     def state(self, model: nn.Module) -> dict[str, Any]:
         return {"modules": sorted(self.int8_modules(model))}
 
-    def quantized_linears(self, model: nn.Module) -> dict[str, QuantizedLinear]:
-        views = {}
-        for name, module in self.int8_modules(model).items():
-            static = getattr(module, "input_scale", None)
-            views[name] = QuantizedLinear(
-                weight=module.weight.to(torch.int32), weight_scale=module.weight_scale,
-                weight_zero_point=torch.zeros_like(module.weight_scale), input_scale=static,
-                input_zero_point=None if static is None else torch.zeros_like(static),
-                bias=module.bias, weight_args=module.weight_args, activation_args=module.activation_args,
-            )
-        return views
+    def quantized_linears(self, model: nn.Module) -> QuantizedLinears:
+        return QuantizedLinears(self.int8_modules(model), self._view)
+
+    @staticmethod
+    def _view(module: Int8Linear) -> QuantizedLinear:
+        static = getattr(module, "input_scale", None)
+        return QuantizedLinear(  # the module's own int8 codes: nothing is copied
+            weight=module.weight, weight_scale=module.weight_scale, weight_zero_point=torch.zeros_like(module.weight_scale),
+            input_scale=static, input_zero_point=None if static is None else torch.zeros_like(static),
+            bias=module.bias, weight_args=module.weight_args, activation_args=module.activation_args,
+        )
 
     def linear_state(self, linear: QuantizedLinear) -> dict[str, torch.Tensor]:
         state = {"weight": linear.weight.to(torch.int8), "weight_scale": linear.weight_scale}

@@ -133,7 +133,7 @@ def _run_before_blocks(adapter: Adapter, names: set[str]) -> set[str]:
 
 def _deletable(adapter: Adapter, batch: Batch, shape: torch.Size) -> torch.Tensor:
     mask = adapter.token_mask(batch)
-    deletable = torch.ones(shape, dtype=torch.bool) if mask is None else mask.bool().clone()
+    deletable = torch.ones(shape, dtype=torch.bool, device=adapter.input_device) if mask is None else mask.bool().clone()
     deletable[:, : adapter.num_prefix_tokens] = False
     return deletable
 

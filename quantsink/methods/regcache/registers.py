@@ -29,7 +29,7 @@ class Registers:
     def prefix(self, block: int, copies: int) -> KVPrefix:
         """Block `block`'s register standing for `copies` identical entries (a log(copies) logit weight)."""
         index = block - self.first_block
-        weight = None if copies == 1 else torch.tensor([math.log(copies)], dtype=self.keys.dtype)
+        weight = None if copies == 1 else torch.tensor([math.log(copies)], dtype=self.keys.dtype, device=self.keys.device)
         return KVPrefix(self.keys[index][:, None], self.values[index][:, None], weight, Tally(f"the register prefix of block {block}"))
 
     def from_block(self, block: int) -> "Registers":
@@ -44,7 +44,7 @@ def candidate_blocks(sensitive: int) -> range:
 def candidates(profile: Profile, sensitive: int, top_k: int, build: list[int]) -> set[tuple[int, int]]:
     """(image, token) of the `top_k` tokens by l_inf norm at each candidate block, among the
     `build` images."""
-    allowed = torch.zeros(profile.deletable.shape[0], dtype=torch.bool)
+    allowed = torch.zeros(profile.deletable.shape[0], dtype=torch.bool, device=profile.deletable.device)
     allowed[build] = True
     images, tokens = (profile.deletable & allowed[:, None]).nonzero(as_tuple=True)
     chosen: set[tuple[int, int]] = set()
@@ -89,7 +89,7 @@ def average_registers(
         for start in range(0, len(hosts), size):
             row = {image: row for row, image in enumerate(hosts[start : start + size])}
             pairs = [(row[image], token) for image, token in sorted(chosen) if image in row]
-            where["images"], where["tokens"] = torch.tensor(pairs).T
+            where["images"], where["tokens"] = torch.tensor(pairs, device=images.embeddings.device).T
             adapter.embed(images.batches_of(list(row))[0])
     dtype = images.embeddings.dtype
     blocks = range(first, adapter.num_blocks)
