@@ -139,9 +139,10 @@ def error_lines(completed: subprocess.CompletedProcess) -> list[str]:
 def test_fewer_batches_than_ranks_is_refused_in_one_line(models, tmp_path):
     recipe = {**LLAMA, "calibration": {**LLAMA["calibration"], "num_samples": 2}}  # one batch of 2
     lines = error_lines(finished(start(models / "llama", recipe, tmp_path / "run", 2)))
-    # refused before rank 0 works alone (its holdout reference), so rank 0 says it too
-    line = next(line for line in lines if line.startswith("quantsink: error: "))
-    assert "1 batches for 2 ranks" in line and "--nproc-per-node" in line and "calibration.batch_size" in line
+    # every rank refuses at the same point; which of them prints before torchrun ends the others
+    # is a race (rank 1 first on a clean-clone CI run), so any rank's line will do, each one line
+    for line in lines:
+        assert "1 batches for 2 ranks" in line and "--nproc-per-node" in line and "calibration.batch_size" in line
     assert not (tmp_path / "run" / "runs").exists()
 
 
