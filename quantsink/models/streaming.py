@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 STREAMED_ATTRIBUTE = "streamed_weights"
 
 
-class BlockResidence:
+class BlockResidence(ABC):
     """Blocks that stay away from where they compute (`device`) and come to it one at a time:
     `onload(i)` brings block i, `offload(i)` sends it back, and a block called while away comes
     for that call only (accelerate's offload hooks do the same)."""
@@ -70,11 +71,13 @@ class BlockResidence:
     def block(self, index: int) -> nn.Module:
         return self.model.get_submodule(self.block_names[index])
 
+    @abstractmethod
     def onload(self, index: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def offload(self, index: int) -> None:
-        raise NotImplementedError
+        ...
 
     def close(self) -> None:
         for handle in self._hooks:
